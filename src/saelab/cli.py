@@ -1,0 +1,91 @@
+"""`saelab` command line: helpers around the DVC pipeline (the stages themselves run via dvc)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_params
+from .errors import SaelabError
+
+
+def compose_params(overrides: list[str] | None = None, root: Path = Path("."),
+                   output: Path | None = None) -> Path:
+    """Regenerate params.yaml from conf/ exactly as `dvc exp run` does (DVC's own Hydra dump)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    root = root.resolve()
+    output = output or root / "params.yaml"
+    compose_and_dump(output, str(root / "conf"), None, "config", str(root), overrides or [])
+    return output
+
+
+def _cmd_params(args) -> int:
+    out = compose_params(args.overrides, output=Path(args.output) if args.output else None)
+    load_params(out)  # fail here, not in a stage, if conf/ composes to something invalid
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_budget(args) -> int:
+    from .budget import budget_cli
+
+    print(budget_cli(args.params))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .verify import verify_all
+
+    problems = verify_all(Path(args.store), Path(args.sae))
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    if problems:
+        print(f"{len(problems)} problem(s) found")
+        return 1
+    print("store and SAE match their manifests")
+    return 0
+
+
+def _cmd_upload_store(args) -> int:
+    from .hub_share import upload_store
+
+    url = upload_store(Path(args.store), args.repo_id, private=not args.public)
+    print(f"uploaded to {url}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="saelab", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("params", help="regenerate params.yaml from conf/ (Hydra)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=llama-3.2-1b")
+    p.add_argument("--output", help="write here instead of params.yaml")
+    p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("budget", help="print the token, FLOP and GPU-hour budget")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=_cmd_budget)
+
+    p = sub.add_parser("verify", help="check the activation store and SAE export against their manifests")
+    p.add_argument("--store", default="data/activations")
+    p.add_argument("--sae", default="models/sae")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("upload-store", help="upload the activation store to a Hugging Face dataset repo")
+    p.add_argument("repo_id")
+    p.add_argument("--store", default="data/activations")
+    p.add_argument("--public", action="store_true")
+    p.set_defaults(func=_cmd_upload_store)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, SaelabError) as e:
+        print(f"saelab {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

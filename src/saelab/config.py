@@ -1,0 +1,372 @@
+"""Typed, validated view of params.yaml: the only place that parses it.
+
+Every stage calls `load_params()` and receives frozen dataclasses. Unknown keys,
+wrong types and out-of-range values raise `ConfigError` naming the key, the value
+and what is allowed, so a typo in a sweep fails before any compute is spent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, mistyped or out of range."""
+
+
+# --- constraint helpers ------------------------------------------------------------
+
+def _meta(lo=None, hi=None, lo_open=False, choices=None):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+
+
+def rng(default, lo=None, hi=None, lo_open=False):
+    """A numeric field with an allowed range: [lo, hi], or (lo, hi] when lo_open."""
+    return field(default=default, metadata=_meta(lo, hi, lo_open))
+
+
+def choice(default, *choices):
+    return field(default=default, metadata=_meta(choices=choices))
+
+
+# --- sections ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunCfg:
+    seed: int = rng(0, 0)
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    # Torch threads on CPU; 0 means every core.
+    num_threads: int = rng(0, 0)
+    # Prefix of the train_sae command in dvc.yaml (`torchrun --nproc_per_node=N` for DDP).
+    launcher: str = "python"
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    # tiny: seeded random weights, tiny size; llama-3.2-1b-random: exact 1B config,
+    # random weights; llama-3.2-1b: the real checkpoint from the Hub (gated).
+    source: str = choice("tiny", "tiny", "random", "hub")
+    name: str = "tiny-llama-16L-64d"
+    hf_repo: str = "meta-llama/Llama-3.2-1B"
+    revision: str = "main"
+    hidden_size: int = rng(64, 8)
+    intermediate_size: int = rng(256, 8)
+    num_hidden_layers: int = rng(16, 1)
+    num_attention_heads: int = rng(4, 1)
+    num_key_value_heads: int = rng(2, 1)
+    vocab_size: int = rng(128256, 2)
+    max_position_embeddings: int = rng(131072, 1)
+    rope_theta: float = rng(500000.0, 0.0, lo_open=True)
+    tie_word_embeddings: bool = True
+    # Llama 3.x long-context RoPE scaling (factor 32, original context 8192).
+    rope_scaling: str = choice("llama3", "llama3", "none")
+    init_seed: int = rng(0, 0)
+    # Compute dtype for forward passes; "auto" = bf16 on GPU, fp32 on CPU.
+    dtype: str = choice("auto", "auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    source: str = choice("sample", "sample", "oscar", "fineweb2", "local")
+    sample_path: str = "data/sample/spanish_novels_cligs.jsonl"
+    # For `local`: parquet/jsonl files (glob) with a `text` column.
+    local_files: str = ""
+    oscar_repo: str = "oscar-corpus/oscar"
+    oscar_revision: str = "refs/convert/parquet"
+    oscar_files: str = "unshuffled_deduplicated_es/partial-train/*.parquet"
+    fineweb2_repo: str = "HuggingFaceFW/fineweb-2"
+    fineweb2_config: str = "spa_Latn"
+    fineweb2_revision: str = "main"
+    # Stop reading once this many documents were kept (0 = no limit).
+    max_docs: int = rng(0, 0)
+    # Stop once the kept text is estimated to hold this many tokens (0 = no limit).
+    token_budget: int = rng(0, 0)
+    # Documents longer than this are cut (characters), so one giant page cannot
+    # dominate a shard.
+    max_doc_chars: int = rng(100_000, 1)
+    heldout_fraction: float = rng(0.05, 0.0, 0.5)
+    shard_docs: int = rng(2000, 1)
+    chars_per_token: float = rng(4.0, 0.5, 20.0)
+
+
+@dataclass(frozen=True)
+class ExtractCfg:
+    layer: int = rng(8, 0)
+    hook: str = choice("mlp_out", "mlp_out", "mlp_act", "mlp_in", "resid_post")
+    context_len: int = rng(128, 2)
+    # Tokens to store (after excluding BOS/EOS); the corpus must hold enough.
+    n_tokens: int = rng(262_144, 1)
+    batch_tokens: int = rng(16_384, 1)
+    shard_tokens: int = rng(65_536, 1)
+    store_dtype: str = choice("float32", "float32", "bfloat16")
+    # Drop tokens whose norm exceeds k x the median norm (0 = keep all).
+    outlier_k: float = rng(0.0, 0.0)
+    attn_implementation: str = choice("sdpa", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class SAECfg:
+    architecture: str = choice("jumprelu", "jumprelu", "topk", "batchtopk")
+    d_sae: int = rng(512, 1)
+    # null: take the learning rate / token budget recommended by fit_scaling_laws.
+    lr: Optional[float] = rng(None, 0.0, 1.0, lo_open=True)
+    n_tokens: Optional[int] = rng(None, 1)
+    batch_size: int = rng(4096, 1)
+    adam_beta1: float = rng(0.0, 0.0, 1.0)
+    adam_beta2: float = rng(0.999, 0.0, 1.0)
+    adam_eps: float = rng(1.0e-8, 0.0, lo_open=True)
+    lr_warmup_steps: int = rng(1000, 0)
+    lr_warmup_start: float = rng(0.1, 0.0, 1.0)
+    lr_decay: str = choice("cosine", "cosine", "constant")
+    clip_grad_norm: float = rng(1.0, 0.0)
+    # Sparsity: `l0` is lambda * ||f||_0 (Gemma Scope); `target_l0` is Gemma Scope 2's
+    # quadratic penalty lambda * (2 / L0*) * (||f||_0 - L0*)^2.
+    sparsity: str = choice("l0", "l0", "target_l0")
+    l0_coeff: float = rng(1.0e-3, 0.0)
+    target_l0: float = rng(32.0, 0.0, lo_open=True)
+    l0_warmup_steps: int = rng(10_000, 0)
+    bandwidth: float = rng(1.0e-3, 0.0, lo_open=True)
+    threshold_init: float = rng(1.0e-3, 0.0, lo_open=True)
+    theta_param: str = choice("log", "log", "raw")
+    k: int = rng(32, 1)
+    aux_k: int = rng(256, 0)
+    aux_coeff: float = rng(1.0 / 32, 0.0)
+    dead_tokens: int = rng(10_000_000, 1)
+    # Stream activations from the model instead of the store (no disk).
+    stream: bool = False
+    shuffle_buffer: int = rng(1_048_576, 1)
+    checkpoint_every: int = rng(200, 1)
+    log_every: int = rng(20, 1)
+    autocast_bf16: bool = True
+    eval_tokens: int = rng(8192, 0)
+
+
+@dataclass(frozen=True)
+class ScalingCfg:
+    method: str = choice("grid", "grid", "two_step")
+    d_sae_grid: tuple[int, ...] = (64, 128, 256)
+    lr_grid: tuple[float, ...] = (3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2)
+    n_tokens: int = rng(65_536, 1)
+    batch_size: int = rng(1024, 1)
+    workers: int = rng(1, 1)
+    bootstrap: int = rng(200, 0)
+    # Pilots share the trainer with train_sae; these override its warm-ups, which are
+    # sized for billions of tokens.
+    lr_warmup_steps: int = rng(10, 0)
+    l0_warmup_steps: int = rng(20, 0)
+    holdout_largest: bool = True
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    peak_flops: float
+
+
+@dataclass(frozen=True)
+class BudgetCfg:
+    ref_tokens: float = rng(4.0e9, 0.0, lo_open=True)
+    ref_vocab: int = rng(256_000, 2)
+    vocab: int = rng(128_000, 2)
+    model_size_ratio: float = rng(0.5, 0.0, lo_open=True)
+    # Significant figures of the token budget as stated in plans (the seed used 2.1e9).
+    round_sig: int = rng(2, 1)
+    llm_params: float = rng(1.2e9, 0.0, lo_open=True)
+    layer_fraction: float = rng(0.5, 0.0, 1.0, lo_open=True)
+    d_in: int = rng(2048, 1)
+    d_sae: int = rng(16384, 1)
+    utilisation: float = rng(0.4, 0.0, 1.0, lo_open=True)
+    gpus: tuple[GPUSpec, ...] = (
+        GPUSpec("RTX 4090", 165.0e12),
+        GPUSpec("A100", 312.0e12),
+        GPUSpec("H100", 989.0e12),
+    )
+
+
+@dataclass(frozen=True)
+class InterpretCfg:
+    backend: str = choice("none", "none", "openai", "openai-batch")
+    model: str = "gpt-4o"
+    base_url: str = ""
+    n_latents: int = rng(32, 1)
+    latent_selection: str = choice("top_density", "top_density", "random", "first")
+    window: int = rng(32, 4)
+    n_top: int = rng(20, 1)
+    n_quantiles: int = rng(10, 1)
+    n_per_quantile: int = rng(2, 0)
+    n_random: int = rng(20, 0)
+    min_activations: int = rng(10, 1)
+    n_explain: int = rng(10, 1)
+    n_completions: int = rng(1, 1)
+    chain_of_thought: bool = False
+    max_words: int = rng(20, 1)
+    temperature: float = rng(0.0, 0.0, 2.0)
+    scorers: tuple[str, ...] = ("detection", "fuzzing")
+    concurrency: int = rng(8, 1)
+    max_retries: int = rng(6, 0)
+    timeout_s: float = rng(60.0, 0.0, lo_open=True)
+    poll_s: float = rng(30.0, 0.0, lo_open=True)
+    max_usd: float = rng(5.0, 0.0)
+    price_in_per_mtok: float = rng(2.5, 0.0)
+    price_out_per_mtok: float = rng(10.0, 0.0)
+    batch_discount: float = rng(0.5, 0.0, 1.0)
+    cache_dir: str = ".cache/interpret"
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str = "tiny"
+    run: RunCfg = field(default_factory=RunCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    extract: ExtractCfg = field(default_factory=ExtractCfg)
+    sae: SAECfg = field(default_factory=SAECfg)
+    scaling: ScalingCfg = field(default_factory=ScalingCfg)
+    budget: BudgetCfg = field(default_factory=BudgetCfg)
+    interpret: InterpretCfg = field(default_factory=InterpretCfg)
+
+    def __post_init__(self):
+        if self.extract.layer >= self.model.num_hidden_layers:
+            raise ConfigError(
+                f"extract.layer = {self.extract.layer} but the model has "
+                f"{self.model.num_hidden_layers} layers (model.num_hidden_layers); "
+                f"allowed: 0..{self.model.num_hidden_layers - 1}")
+        if self.model.num_attention_heads % self.model.num_key_value_heads:
+            raise ConfigError("model.num_attention_heads must be a multiple of "
+                              "model.num_key_value_heads")
+        if self.model.hidden_size % self.model.num_attention_heads:
+            raise ConfigError("model.hidden_size must be a multiple of model.num_attention_heads")
+        if self.sae.architecture != "jumprelu" and self.sae.k > self.sae.d_sae:
+            raise ConfigError(f"sae.k = {self.sae.k} exceeds sae.d_sae = {self.sae.d_sae}")
+        if len(self.scaling.d_sae_grid) < 1 or len(self.scaling.lr_grid) < 1:
+            raise ConfigError("scaling.d_sae_grid and scaling.lr_grid must not be empty")
+
+
+# --- parsing -----------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp, value):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads `3e-4` (no dot) as a string; accept it but only if it is a number.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _check(key: str, value, meta) -> None:
+    if value is None or not meta:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {list(choices)}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+        upper = f" and <= {hi}" if hi is not None else ""
+        raise ConfigError(f"{key} = {value!r} is out of range; allowed: {bound}{upper}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} = {value!r} is out of range; allowed: <= {hi}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key(s) {', '.join(where + u for u in unknown)}; "
+                          f"allowed: {sorted(names)}")
+    kwargs = {}
+    for name, f in names.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        value = _coerce(key, hints[name], raw[name])
+        _check(key, value, f.metadata)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_params(raw: dict[str, Any] | None) -> Params:
+    """Turn a params mapping (as read from YAML) into validated `Params`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params must be a mapping at the top level, got {type(raw).__name__}")
+    # Defaults of the section dataclasses are checked too: a bad default is a bug.
+    return _build(Params, raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found; run from the repository root "
+                          "(where dvc.yaml is) or pass the path explicitly")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return parse_params(raw)
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    """Plain nested dict (for MLflow params and JSON reports)."""
+    return dataclasses.asdict(params)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

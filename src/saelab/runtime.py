@@ -1,0 +1,51 @@
+"""Device, threads, seeds and logging: what every stage sets up the same way."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from .config import Params
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Quiet chatty libraries; their warnings still show.
+    for name in ("urllib3", "httpx", "alembic", "mlflow.store", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def resolve_device(params: Params) -> torch.device:
+    want = params.run.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        from .errors import SaelabError
+        raise SaelabError("run.device = cuda but no CUDA GPU is visible; "
+                          "set run.device to auto or cpu")
+    if want == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(want)
+
+
+def compute_dtype(params: Params, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless params pin one; never fp16 (Llama MLP outputs overflow it)."""
+    name = params.model.dtype
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def setup_threads(params: Params) -> None:
+    n = params.run.num_threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
