@@ -1,0 +1,112 @@
+"""The whole pipeline on the tiny profile, as a user runs it: a fresh git repo, `dvc repro`,
+then a `dvc exp run --queue` sweep. Slow (minutes); part of `make test`."""
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["fetch_model", "fetch_oscar", "extract_mlp8", "fit_scaling_laws", "train_sae", "interpret"]
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.com")
+    return env
+
+
+def sh(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-8000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A copy of the working tree (tracked + untracked, not ignored) in a new git repo, reproduced."""
+    dst = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    sh(["git", "init", "-q", "-b", "main"], dst)
+    sh(["git", "add", "-A"], dst)
+    sh(["git", "commit", "-qm", "init"], dst)
+    sh(["dvc", "repro"], dst)
+    return dst
+
+
+def test_every_output_exists(pipeline):
+    for rel in ["models/base/config.json", "models/base.json", "data/corpus/manifest.json",
+                "data/activations/manifest.json", "reports/scaling/fit.json", "reports/budget.json",
+                "reports/budget.md", "reports/scaling/loss_vs_size.png", "models/sae/cfg.json",
+                "models/sae/sae_weights.safetensors", "reports/train/metrics.json",
+                "reports/train/curves.csv", "reports/interpret/index.html",
+                "reports/interpret/requests.jsonl", "reports/interpret_metrics.json"]:
+        assert (pipeline / rel).exists(), rel
+
+
+def test_outputs_are_consistent(pipeline):
+    act = json.loads((pipeline / "data/activations/manifest.json").read_text())
+    assert act["layer"] == 8 and act["hook"] == "mlp_out" and act["d"] == 64
+    assert act["n_tokens"] >= 262144
+    fit = json.loads((pipeline / "reports/scaling/fit.json").read_text())
+    assert fit["recommended"]["lr"] > 0
+    cfg = json.loads((pipeline / "models/sae/cfg.json").read_text())
+    assert cfg["d_in"] == 64 and cfg["d_sae"] == 512
+    metrics = json.loads((pipeline / "reports/train/metrics.json").read_text())
+    assert 0.0 <= metrics["fvu"] < 1.0 and metrics["l0"] > 0
+    budget = json.loads((pipeline / "reports/budget.json").read_text())
+    assert budget["tokens"] == pytest.approx(2.1e9)
+
+
+def test_pipeline_is_up_to_date_after_repro(pipeline):
+    out = sh(["dvc", "status", "--json"], pipeline)
+    assert json.loads(out) == {}, out
+
+
+def test_mlflow_has_a_run_per_stage(pipeline):
+    db = sqlite3.connect(pipeline / "mlflow.db")
+    tagged = {v for (v,) in db.execute("select value from tags where key = 'dvc.stage'")}
+    assert set(STAGES) <= tagged
+    # The pilot grid of the scaling stage is nested under its stage run.
+    nested = db.execute("select count(*) from tags where key = 'mlflow.parentRunId'").fetchone()[0]
+    assert nested >= 15
+
+
+def test_queued_sweep_lands_in_dvc_and_mlflow(pipeline):
+    sh(["git", "add", "-A"], pipeline)
+    sh(["git", "commit", "-qm", "reproduced"], pipeline)
+    for lr in ("1.0e-3", "3.0e-3"):
+        sh(["dvc", "exp", "run", "--queue", "-S", f"sae.lr={lr}"], pipeline)
+    sh(["dvc", "exp", "run", "--run-all"], pipeline)
+    exps = json.loads(sh(["dvc", "exp", "show", "--json"], pipeline))
+    lrs = set()
+    for baseline in exps:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                p = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                if rev.get("name") and p.get("sae", {}).get("lr") is not None:
+                    lrs.add(float(p["sae"]["lr"]))
+    assert {1e-3, 3e-3} <= lrs, exps
+    db = sqlite3.connect(pipeline / "mlflow.db")
+    logged = {float(v) for (v,) in db.execute(
+        "select p.value from params p join tags t on p.run_uuid = t.run_uuid "
+        "where p.key = 'sae.lr' and t.key = 'dvc.stage' and t.value = 'train_sae' and p.value != 'None'")}
+    assert {1e-3, 3e-3} <= logged
+    names = {v for (v,) in db.execute("select value from tags where key = 'dvc.exp_name'") if v}
+    assert len(names) >= 2
