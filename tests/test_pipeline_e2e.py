@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# Known fake secrets: the pipeline runs with them set and must never write them anywhere.
+SECRETS = {"HF_TOKEN": "hf_e2eSecretToken0123456789", "OPENAI_API_KEY": "sk-e2eSecretKey0123456789"}
 STAGES = ["fetch_model", "fetch_oscar", "extract_mlp8", "fit_scaling_laws", "train_sae", "interpret"]
 pytestmark = pytest.mark.slow
 
@@ -21,14 +23,14 @@ def _env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GIT_AUTHOR_NAME="t",
                GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com")
+               GIT_COMMITTER_EMAIL="t@example.com", **SECRETS)
     return env
 
 
-def sh(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
+def sh(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-8000:]}"
-    return out.stdout
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def pipeline(tmp_path_factory) -> Path:
     sh(["git", "init", "-q", "-b", "main"], dst)
     sh(["git", "add", "-A"], dst)
     sh(["git", "commit", "-qm", "init"], dst)
-    sh(["dvc", "repro"], dst)
+    out = sh(["dvc", "repro"], dst)
+    (dst / "repro.log").write_text(out.stdout + out.stderr)
     return dst
 
 
@@ -74,7 +77,7 @@ def test_outputs_are_consistent(pipeline):
 
 
 def test_pipeline_is_up_to_date_after_repro(pipeline):
-    out = sh(["dvc", "status", "--json"], pipeline)
+    out = sh(["dvc", "status", "--json"], pipeline).stdout
     assert json.loads(out) == {}, out
 
 
@@ -93,7 +96,7 @@ def test_queued_sweep_lands_in_dvc_and_mlflow(pipeline):
     for lr in ("1.0e-3", "3.0e-3"):
         sh(["dvc", "exp", "run", "--queue", "-S", f"sae.lr={lr}"], pipeline)
     sh(["dvc", "exp", "run", "--run-all"], pipeline)
-    exps = json.loads(sh(["dvc", "exp", "show", "--json"], pipeline))
+    exps = json.loads(sh(["dvc", "exp", "show", "--json"], pipeline).stdout)
     lrs = set()
     for baseline in exps:
         for exp in baseline.get("experiments") or []:
@@ -110,3 +113,14 @@ def test_queued_sweep_lands_in_dvc_and_mlflow(pipeline):
     assert {1e-3, 3e-3} <= logged
     names = {v for (v,) in db.execute("select value from tags where key = 'dvc.exp_name'") if v}
     assert len(names) >= 2
+
+
+def test_secrets_never_written(pipeline):
+    places = [pipeline / "mlflow.db", pipeline / "dvc.lock", pipeline / "repro.log",
+              *(pipeline / "reports").rglob("*"), *(pipeline / "mlartifacts").rglob("*"),
+              *(pipeline / "models").rglob("*.json")]
+    for path in places:
+        if path.is_file():
+            blob = path.read_bytes()
+            for name, secret in SECRETS.items():
+                assert secret.encode() not in blob, f"{name} leaked into {path}"
