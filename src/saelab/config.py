@@ -93,7 +93,8 @@ class DataCfg:
     max_doc_chars: int = rng(100_000, 1)
     heldout_fraction: float = rng(0.05, 0.0, 0.5)
     shard_docs: int = rng(2000, 1)
-    chars_per_token: float = rng(4.0, 0.5, 20.0)
+    # Characters per Llama-3 token, for the token estimate (3.31 measured on the shipped sample).
+    chars_per_token: float = rng(3.3, 0.5, 20.0)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,9 @@ class ScalingCfg:
     lr_warmup_steps: int = rng(10, 0)
     l0_warmup_steps: int = rng(20, 0)
     holdout_largest: bool = True
+    # method two_step: the one lr of its loss law (must be in lr_grid); null = the grid lr
+    # with the lowest summed loss over the two smallest sizes.
+    two_step_lr: Optional[float] = rng(None, 0.0, 1.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,16 @@ class InterpretCfg:
     price_out_per_mtok: float = rng(10.0, 0.0)
     batch_discount: float = rng(0.5, 0.0, 1.0)
     cache_dir: str = ".cache/interpret"
+    # Tokens marked << >> in a window: those firing at >= this fraction of its peak.
+    highlight_frac: float = rng(0.3, 0.0, 1.0)
+    # Windows per detection/fuzzing request.
+    examples_per_prompt: int = rng(5, 1)
+    # Ask scorers for token logprobs (gives AUC); some local servers do not support it.
+    logprobs: bool = True
+    # First retry delay of the sync backend (doubles each attempt, with jitter).
+    retry_base_s: float = rng(1.0, 0.0)
+    # Pick up this Batch API batch (e.g. after losing .saelab/) before sending anything.
+    batch_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,200 @@
+"""Stage `fetch_model`: put the base Llama in models/base/ and describe it in models/base.json.
+
+Three sources, one on-disk format: `tiny` (seeded random weights, tiny size) and `random`
+(the exact Llama-3.2-1B architecture, random weights) are built here and saved with
+`save_pretrained`; `hub` downloads meta-llama/Llama-3.2-1B at a pinned revision. All
+three are read back by the same `load_model` (one `from_pretrained` call).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from . import paths
+from .config import ModelCfg, Params
+from .errors import SaelabError
+from .hub_share import hub_errors, hub_token
+from .tokenizer import BOS_ID, EOS_ID, load_llama3_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Llama-3.x constants that params do not vary.
+RMS_NORM_EPS = 1.0e-5
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# What a usable checkpoint needs; the Hub repo also holds `original/` (Meta's .pth format).
+HUB_FILES = ["*.safetensors", "*.json", "tokenizer*"]
+HUB_SKIP = ["original/*"]
+SUMMARY_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size")
+
+
+def build_model_config(cfg: ModelCfg) -> LlamaConfig:
+    """The Llama config described by `cfg` (shape fields as in Llama-3.2-1B's config.json)."""
+    # `rope_scaling` + `rope_theta` are the keys of Meta's config.json; transformers 5
+    # folds them into `rope_parameters`, 4.x reads them as is.
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=dict(LLAMA3_ROPE_SCALING) if cfg.rope_scaling == "llama3" else None,
+        rms_norm_eps=RMS_NORM_EPS,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def check_layer(config: LlamaConfig, layer: int, name: str) -> None:
+    """Refuse a model that lacks the layer the extractor hooks."""
+    n = config.num_hidden_layers
+    if layer >= n:
+        raise SaelabError(f"extract.layer = {layer} but model {name} has {n} layers "
+                          f"(0..{n - 1}); lower extract.layer or pick another model")
+
+
+def _fresh_dir(out_dir: Path) -> None:
+    # DVC deletes a stage's outs before running it; do the same when called directly so
+    # files from another source (a Hub checkpoint, then a tiny one) never mix.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+
+
+def _build_random(params: Params, out_dir: Path) -> str:
+    cfg = params.model
+    config = build_model_config(cfg)
+    # The 1B model is saved in bf16 (2.5 GB instead of 5 GB); its dtype on load is the
+    # stage's choice, so this only rounds the random init.
+    dtype = torch.float32 if cfg.source == "tiny" else torch.bfloat16
+    torch.manual_seed(cfg.init_seed)
+    model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    log.info("built %s: random weights, seed %d, %s", cfg.name, cfg.init_seed, dtype)
+    model.save_pretrained(out_dir)
+    load_llama3_tokenizer().save_pretrained(out_dir)
+    return f"random-seed-{cfg.init_seed}"
+
+
+def _download(cfg: ModelCfg, token: str, out_dir: Path) -> str:
+    """Fetch the pinned Hub snapshot into the HF cache (resumable, shared) and copy it here."""
+    import huggingface_hub
+
+    with hub_errors(cfg.hf_repo, "model.hf_repo / model.revision"):
+        sha = huggingface_hub.HfApi().model_info(cfg.hf_repo, revision=cfg.revision,
+                                                  token=token).sha
+        snapshot = Path(huggingface_hub.snapshot_download(
+            cfg.hf_repo, revision=sha, token=token,
+            allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP))
+    for src in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        dst = out_dir / src.relative_to(snapshot)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the cache holds symlinks to blobs: link the blob itself, copy across devices
+            os.link(src.resolve(), dst)
+        except OSError:
+            shutil.copyfile(src.resolve(), dst)
+    log.info("downloaded %s at %s (requested %s)", cfg.hf_repo, sha, cfg.revision)
+    return sha
+
+
+def _check_against_params(config: LlamaConfig, cfg: ModelCfg) -> None:
+    # Later stages size things from params (d_in, budget FLOPs): they must describe the
+    # checkpoint actually used.
+    wrong = [f"{k}: checkpoint {getattr(config, k)}, params {getattr(cfg, k)}"
+             for k in SUMMARY_KEYS if getattr(config, k) != getattr(cfg, k)]
+    if wrong:
+        raise SaelabError(f"{cfg.hf_repo} does not match the model.* params ("
+                          + "; ".join(wrong) + "); fix them in conf/profile/ and regenerate "
+                          "params.yaml")
+
+
+def count_params(model_dir: Path) -> int:
+    """Parameters stored in the checkpoint (tied embeddings counted once), without loading it."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            n += sum(math.prod(st.get_slice(key).get_shape()) for key in st.keys())
+    return n
+
+
+def fetch_model(params: Params, out_dir: Path = paths.MODEL_DIR,
+                json_path: Path = paths.MODEL_JSON) -> dict:
+    """Produce models/base/ for `params.model.source`, write models/base.json, return its dict."""
+    cfg = params.model
+    out_dir, json_path = Path(out_dir), Path(json_path)
+    # Checked before anything touches the disk or the network.
+    token = hub_token(f"model.source = hub downloads the gated {cfg.hf_repo}",
+                      f"export HF_TOKEN=... with access to {cfg.hf_repo}",
+                      ) if cfg.source == "hub" else None
+    _fresh_dir(out_dir)
+    if token:
+        revision = _download(cfg, token, out_dir)
+    else:
+        revision = _build_random(params, out_dir)
+    config = LlamaConfig.from_pretrained(out_dir)
+    check_layer(config, params.extract.layer, cfg.name)
+    if cfg.source == "hub":
+        _check_against_params(config, cfg)
+    info = {
+        "name": cfg.name,
+        "source": cfg.source,
+        "hf_repo": cfg.hf_repo if cfg.source == "hub" else None,
+        "requested_revision": cfg.revision if cfg.source == "hub" else None,
+        "revision": revision,
+        "path": out_dir.as_posix(),
+        "dtype": str(config.dtype).removeprefix("torch.") if config.dtype else None,
+        "config": {k: getattr(config, k) for k in SUMMARY_KEYS},
+        "n_params": count_params(out_dir),
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+def load_model(model_dir: Path = paths.MODEL_DIR, *, device: torch.device | str,
+               dtype: torch.dtype, attn_implementation: str = "sdpa",
+               ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """The frozen base model (eval mode, no grads) and its tokenizer, for every source."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise SaelabError(f"no model in {model_dir}; run `dvc repro fetch_model` first")
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                             attn_implementation=attn_implementation)
+    model.to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
+
+def _run(params: Params) -> None:
+    import mlflow
+
+    from .tracking import log_artifact, log_metrics
+
+    info = fetch_model(params, paths.MODEL_DIR, paths.MODEL_JSON)
+    log.info("%s: %s, %.3g parameters, revision %s", info["name"], info["config"],
+             info["n_params"], info["revision"])
+    log_metrics({"model": {**info["config"], "n_params": info["n_params"]}})
+    if mlflow.active_run():
+        mlflow.set_tags({"model.revision": info["revision"], "model.source": info["source"]})
+    log_artifact(paths.MODEL_JSON)
+
+
+def main() -> None:
+    from .stage import run_stage
+
+    run_stage("fetch_model", _run)

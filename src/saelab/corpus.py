@@ -1,0 +1,366 @@
+"""Stage `fetch_oscar`: stream a Spanish corpus, clean it, split it, and write data/corpus/.
+
+Every source goes through `datasets.load_dataset(..., streaming=True)`: the shipped sample
+and local files with the json/parquet builders, OSCAR's parquet export and FineWeb-2 from
+the Hub. Reading stops at the token budget, so a 5 GB source costs only what is kept.
+
+Cleaning drops empty and whitespace-only texts, exact duplicates and texts that are not
+valid UTF-8 (or carry U+FFFD, the mark of an earlier lossy decode), and cuts documents
+longer than `data.max_doc_chars`; the manifest counts each. A fixed set of documents,
+chosen by a hash of the document id, is held out for evaluation.
+
+Later stages read the corpus only through `iter_documents`.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import paths
+from .config import DataCfg, Params
+from .errors import SaelabError
+from .hub_share import hub_errors, hub_token
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "heldout")
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HELDOUT_RULE = "int.from_bytes(sha256(doc_id)[:8], 'big') / 2**64 < fraction"
+DROP_REASONS = ("not_text", "invalid_utf8", "empty", "whitespace_only", "duplicate")
+
+
+def is_heldout(doc_id: str, fraction: float) -> bool:
+    """Held-out membership depends on the id alone: stable across reruns, budgets and order."""
+    h = hashlib.sha256(doc_id.encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+# --- sources -----------------------------------------------------------------------
+# Each yields (label, row, record): label names the file or repo, for ids and errors.
+
+def _local_files(data: DataCfg) -> list[Path]:
+    if data.source == "sample":
+        files = [Path(data.sample_path)]
+        if not files[0].is_file():
+            raise SaelabError(f"data.sample_path = {data.sample_path} not found; run from the "
+                              "repository root or fix data.sample_path")
+    else:
+        if not data.local_files:
+            raise SaelabError("data.source = local needs data.local_files (a glob of .jsonl or "
+                              ".parquet files with a `text` column)")
+        files = sorted(Path(f) for f in glob.glob(data.local_files, recursive=True)
+                       if Path(f).is_file())
+        if not files:
+            raise SaelabError(f"data.local_files = {data.local_files!r} matches no files")
+    unsupported = [f.as_posix() for f in files if f.suffix.lower() not in BUILDERS]
+    if unsupported:
+        raise SaelabError(f"{unsupported[:3]}: unsupported file type; use "
+                          f"{', '.join(BUILDERS)} files")
+    return files
+
+
+def _file_rows(path: Path) -> int | None:
+    """Row count when it is free to know (parquet footer), else None; raises on a bad footer."""
+    if path.suffix != ".parquet":
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise SaelabError(f"{path} is not a readable parquet file ({e}); "
+                          "fix or remove it") from None
+
+
+def _local_records(files: list[Path], counts: Counter) -> Iterator[tuple[str, int, dict]]:
+    import datasets
+
+    for path in files:
+        builder = BUILDERS[path.suffix.lower()]
+        # The builders fail on an empty file (no schema to infer): count it instead.
+        if path.stat().st_size == 0 or _file_rows(path) == 0:
+            n = 0
+        else:
+            # Invalid UTF-8 bytes would fail the whole file; decoded with replacement they
+            # become U+FFFD, and the record holding them is counted and dropped.
+            opts = ({"encoding": "utf-8-sig", "encoding_errors": "replace"}
+                    if builder == "json" else {})
+            try:
+                ds = datasets.load_dataset(builder, data_files=[str(path)], split="train",
+                                           streaming=True, **opts)
+                n = 0
+                for n, rec in enumerate(ds, 1):
+                    yield path.name, n - 1, rec
+            except StopIteration:  # raised by schema inference when there are no records
+                n = 0
+            except (ValueError, OSError, pa.ArrowException) as e:
+                raise SaelabError(f"{path} cannot be read as {builder} ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); fix or remove the file") from None
+        if n == 0:
+            log.warning("%s holds no records; skipped", path)
+            counts["empty_files"] += 1
+
+
+def _hub_records(data: DataCfg, manifest: dict) -> Iterator[tuple[str, int, dict]]:
+    """Open the Hub stream now (token, access and revision fail before anything is written)."""
+    import datasets
+    import huggingface_hub
+
+    if data.source == "oscar":
+        repo, revision = data.oscar_repo, data.oscar_revision
+        # OSCAR is gated: the Hub serves it only to accounts that accepted its terms.
+        token = hub_token(f"data.source = oscar streams the gated {repo}",
+                          f"export HF_TOKEN=... of an account that accepted the terms at "
+                          f"https://huggingface.co/datasets/{repo}")
+        kwargs = {"data_files": data.oscar_files}
+        manifest["files"] = data.oscar_files
+    else:
+        repo, revision = data.fineweb2_repo, data.fineweb2_revision
+        token = os.environ.get("HF_TOKEN") or None  # public; a token only raises rate limits
+        kwargs = {"name": data.fineweb2_config}
+        manifest["config"] = data.fineweb2_config
+    manifest.update(repo=repo, revision=revision)
+    setting = f"data.{data.source}_repo / data.{data.source}_revision"
+    with _hub_dataset_errors(repo, setting):
+        # Pin the resolved commit: the manifest then names exactly the data read.
+        sha = huggingface_hub.HfApi().dataset_info(repo, revision=revision, token=token).sha
+        manifest["revision_sha"] = sha
+        ds = datasets.load_dataset(repo, revision=sha, split="train", streaming=True,
+                                   token=token, **kwargs)
+    return _hub_rows(ds, repo, setting)
+
+
+def _hub_rows(ds, repo: str, setting: str) -> Iterator[tuple[str, int, dict]]:
+    with _hub_dataset_errors(repo, setting):
+        for row, rec in enumerate(ds):
+            yield repo, row, rec
+
+
+@contextlib.contextmanager
+def _hub_dataset_errors(repo: str, setting: str) -> Iterator[None]:
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        with hub_errors(repo, setting, gated_url=f"https://huggingface.co/datasets/{repo}"):
+            yield
+    except DatasetNotFoundError as e:  # datasets' own wording of "gated" / "not found"
+        raise SaelabError(f"{repo}: {e}; check {setting} and HF_TOKEN") from None
+
+
+# --- cleaning ----------------------------------------------------------------------
+
+def _text_or_reason(value) -> tuple[str | None, str | None, bytes | None]:
+    """(text, None, utf-8 bytes) for a usable text, else (None, drop reason, None)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "invalid_utf8", None
+    if not isinstance(value, str):
+        return None, "not_text", None
+    if not value:
+        return None, "empty", None
+    if value.isspace():
+        return None, "whitespace_only", None
+    if "\ufffd" in value:
+        return None, "invalid_utf8", None
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a \\udXXX escape in JSON
+        return None, "invalid_utf8", None
+    return value, None, raw
+
+
+def clean(records: Iterator[tuple[str, int, dict]], data: DataCfg,
+          counts: Counter) -> Iterator[tuple[str, str]]:
+    """Yield (doc_id, text) for records that survive cleaning; count every drop and cut."""
+    seen_text: set[bytes] = set()
+    seen_ids: set[str] = set()
+    for label, row, rec in records:
+        counts["records_read"] += 1
+        text, reason, raw = _text_or_reason(rec.get("text"))
+        if reason:
+            counts[reason] += 1
+            continue
+        digest = hashlib.blake2b(raw, digest_size=16).digest()
+        if digest in seen_text:
+            counts["duplicate"] += 1
+            continue
+        seen_text.add(digest)
+        if len(text) > data.max_doc_chars:
+            counts["cut_docs"] += 1
+            counts["cut_chars"] += len(text) - data.max_doc_chars
+            text = text[:data.max_doc_chars]
+        doc_id = str(rec["id"]) if rec.get("id") is not None else f"{label}:{row}"
+        if doc_id in seen_ids:  # ids repeat across local files; the position does not
+            doc_id = f"{doc_id}@{label}:{row}"
+        seen_ids.add(doc_id)
+        yield doc_id, text
+
+
+# --- writing -----------------------------------------------------------------------
+
+class _ShardWriter:
+    """Parquet shards of `shard_docs` documents, each renamed into place once complete."""
+
+    def __init__(self, out_dir: Path, split: str, shard_docs: int):
+        self.out_dir, self.split, self.shard_docs = out_dir, split, shard_docs
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+        self.shards: list[str] = []
+        self.docs = 0
+        self.chars = 0
+
+    def add(self, doc_id: str, text: str) -> None:
+        self.ids.append(doc_id)
+        self.texts.append(text)
+        self.docs += 1
+        self.chars += len(text)
+        if len(self.ids) >= self.shard_docs:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        tmp = self.out_dir / f".{name}.tmp"
+        table = pa.table({"text": pa.array(self.texts, pa.string()),
+                          "doc_id": pa.array(self.ids, pa.string())})
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.out_dir / name)
+        self.shards.append(name)
+        self.ids, self.texts = [], []
+
+
+def _empty_corpus_fix(data: DataCfg) -> str:
+    return {
+        "sample": f"check that {data.sample_path} holds JSON lines with a non-empty `text`",
+        "local": f"point data.local_files (now {data.local_files!r}) at .jsonl/.parquet files "
+                 "with a non-empty `text` column",
+    }.get(data.source, "check the repo, revision and file settings of data.source, or raise "
+                       "data.token_budget / data.max_docs")
+
+
+def _write_splits(docs: Iterator[tuple[str, str]], data: DataCfg, out_dir: Path,
+                  ) -> tuple[dict[str, _ShardWriter], list[str], str]:
+    """Route cleaned documents to their split's shards until the source or the budget ends."""
+    from tqdm.auto import tqdm
+
+    writers = {s: _ShardWriter(out_dir, s, data.shard_docs) for s in SPLITS}
+    heldout_ids: list[str] = []
+    kept_chars, stopped_by = 0, "end_of_source"
+    for doc_id, text in tqdm(docs, desc=f"corpus ({data.source})", unit=" doc", disable=None):
+        split = "heldout" if is_heldout(doc_id, data.heldout_fraction) else "train"
+        writers[split].add(doc_id, text)
+        if split == "heldout":
+            heldout_ids.append(doc_id)
+        kept_chars += len(text)
+        if data.token_budget and kept_chars / data.chars_per_token >= data.token_budget:
+            stopped_by = "token_budget"
+            break
+        if data.max_docs and writers["train"].docs + writers["heldout"].docs >= data.max_docs:
+            stopped_by = "max_docs"
+            break
+    for w in writers.values():
+        w.flush()
+    return writers, heldout_ids, stopped_by
+
+
+def fetch_corpus(params: Params, out_dir: Path = paths.CORPUS_DIR) -> dict:
+    """Stream, clean and split `params.data.source` into parquet shards; return the manifest."""
+    data = params.data
+    out_dir = Path(out_dir)
+    counts: Counter = Counter()
+    manifest: dict = {"source": data.source}
+    if data.source in ("sample", "local"):
+        files = _local_files(data)
+        manifest["files"] = [f.as_posix() for f in files]
+        records = _local_records(files, counts)
+    else:
+        records = _hub_records(data, manifest)
+    # DVC deletes outs before a run; do the same when called directly, so no stale shard survives.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    try:
+        docs = clean(records, data, counts)
+        writers, heldout_ids, stopped_by = _write_splits(docs, data, out_dir)
+    except BaseException:
+        shutil.rmtree(out_dir)  # a half-written corpus without its manifest helps no one
+        raise
+    if writers["train"].docs == 0:
+        shutil.rmtree(out_dir)
+        dropped = {k: counts[k] for k in DROP_REASONS if counts[k]}
+        raise SaelabError(
+            f"data.source = {data.source}: no training documents after cleaning "
+            f"({counts['records_read']} records read, dropped {dropped or 'none'}, "
+            f"{counts['empty_files']} empty files); {_empty_corpus_fix(data)}")
+    manifest.update({
+        "docs": {s: w.docs for s, w in writers.items()},
+        "chars": {s: w.chars for s, w in writers.items()},
+        "tokens_estimate": {s: round(w.chars / data.chars_per_token) for s, w in writers.items()},
+        "chars_per_token": data.chars_per_token,
+        "shards": {s: w.shards for s, w in writers.items()},
+        "heldout": {"fraction": data.heldout_fraction, "rule": HELDOUT_RULE,
+                    "doc_ids": heldout_ids},
+        "records_read": counts["records_read"],
+        "dropped": {k: counts[k] for k in DROP_REASONS},
+        "cut": {"docs": counts["cut_docs"], "chars_removed": counts["cut_chars"],
+                "max_doc_chars": data.max_doc_chars},
+        "empty_files": counts["empty_files"],
+        "stopped_by": stopped_by,
+        "token_budget": data.token_budget,
+        "max_docs": data.max_docs,
+    })
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / MANIFEST)
+    return manifest
+
+
+def read_manifest(corpus_dir: Path = paths.CORPUS_DIR) -> dict:
+    path = Path(corpus_dir) / MANIFEST
+    if not path.is_file():
+        raise SaelabError(f"no corpus in {corpus_dir} ({MANIFEST} missing); "
+                          "run `dvc repro fetch_oscar` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def iter_documents(corpus_dir: Path = paths.CORPUS_DIR,
+                   split: str = "train") -> Iterator[tuple[str, str]]:
+    """(doc_id, text) of one split, in the order fetch_corpus wrote them (deterministic)."""
+    if split not in SPLITS:
+        raise SaelabError(f"unknown corpus split {split!r}; choose one of {list(SPLITS)}")
+    corpus_dir = Path(corpus_dir)
+    for name in read_manifest(corpus_dir)["shards"][split]:
+        shard = pq.ParquetFile(corpus_dir / name)
+        for batch in shard.iter_batches(columns=["doc_id", "text"]):
+            yield from zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist())
+
+
+def _run(params: Params) -> None:
+    from .tracking import log_artifact, log_metrics
+
+    m = fetch_corpus(params, paths.CORPUS_DIR)
+    log.info("%s: %s docs (%s tokens est.), dropped %s, cut %d, stopped by %s", m["source"],
+             m["docs"], m["tokens_estimate"], m["dropped"], m["cut"]["docs"], m["stopped_by"])
+    log_metrics({"corpus": {k: m[k] for k in ("docs", "chars", "tokens_estimate", "dropped",
+                                              "records_read", "empty_files")}
+                 | {"cut_docs": m["cut"]["docs"]}})
+    log_artifact(paths.CORPUS_DIR / MANIFEST)
+
+
+def main() -> None:
+    from .stage import run_stage
+
+    run_stage("fetch_oscar", _run)

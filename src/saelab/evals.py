@@ -1,0 +1,141 @@
+"""SAE quality: reconstruction on held-out activations and the LM loss with the SAE spliced in."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SaelabError
+from .hooks import hook_module
+from .sae import SAE
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, batches: Iterator[torch.Tensor], n_batches: int) -> dict:
+    """MSE (per element), FVU, L0 and firing densities over `n_batches` batches.
+
+    The batches must be in the space the SAE takes (normalised for a training SAE, raw for
+    an exported one). FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens.
+    """
+    was_training = sae.training
+    sae.eval()
+    dev = sae.W_enc.device
+    n = 0
+    err = sq = l0 = 0.0
+    s = torch.zeros(sae.d_in, dtype=torch.float64, device=dev)
+    counts = torch.zeros(sae.d_sae, dtype=torch.float64, device=dev)
+    for x in itertools.islice(batches, n_batches):
+        x = x.to(dev, torch.float32)
+        x_hat, f = sae(x)
+        err += float((x_hat - x).double().pow(2).sum())
+        sq += float(x.double().pow(2).sum())
+        s += x.double().sum(0)
+        fired = f > 0
+        l0 += float(fired.sum())
+        counts += fired.sum(0).double()
+        n += x.shape[0]
+    sae.train(was_training)
+    if n == 0:
+        raise SaelabError("no evaluation activations; raise sae.eval_tokens or check the store")
+    total_ss = sq - float(s.pow(2).sum()) / n
+    density = counts / n
+    return {
+        "mse": err / (n * sae.d_in),
+        "fvu": err / total_ss if total_ss > 0 else math.nan,
+        "l0": l0 / n,
+        "frac_active_gt_1pct": float((density > 0.01).double().mean()),
+        "frac_active_gt_10pct": float((density > 0.1).double().mean()),
+        "frac_never_fired": float((density == 0).double().mean()),
+        "eval_tokens": n,
+    }
+
+
+@contextlib.contextmanager
+def _splice(model: nn.Module, layer: int, hook: str, replace):
+    """Replace the hooked activation h with replace(h) for the duration of the block."""
+    module, side = hook_module(model, layer, hook)
+
+    def out_hook(_m, _inp, out):
+        if isinstance(out, tuple):
+            return (replace(out[0]), *out[1:])
+        return replace(out)
+
+    def in_hook(_m, args):
+        return (replace(args[0]), *args[1:])
+
+    handle = (module.register_forward_pre_hook(in_hook) if side == "input"
+              else module.register_forward_hook(out_hook))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def lm_metrics(model: nn.Module, sae: SAE, rows: Iterable[torch.Tensor], *, layer: int,
+               hook: str, scale: float, device: torch.device | str) -> dict:
+    """CE clean, with the SAE spliced in, and zero-ablated; delta LM loss, CE recovered, KL.
+
+    `rows` are token-id tensors [n, context] (BOS at each row start). `scale` is the C the
+    SAE expects its input multiplied by (1.0 for an exported SAE, whose scale is folded).
+    Special tokens are kept clean (the SAE never saw them) and masked from the loss,
+    both as inputs and as targets.
+    """
+    from .tokenizer import BOS_ID, EOS_ID  # imports transformers: only when evaluating an LM
+
+    model.eval()
+    sae.eval()
+    keep_clean: torch.Tensor | None = None
+
+    def through_sae(h):
+        x = h.float() * scale
+        x_hat = sae(x)[0] / scale
+        return torch.where(keep_clean.unsqueeze(-1), h, x_hat.to(h.dtype))
+
+    def zero(h):
+        return torch.where(keep_clean.unsqueeze(-1), h, torch.zeros_like(h))
+
+    tot = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+    n_tok = 0
+    for ids in rows:
+        ids = torch.as_tensor(ids, device=device).long()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        special = torch.isin(ids, torch.tensor((BOS_ID, EOS_ID), device=ids.device))
+        keep_clean = special
+        mask = ~(special[:, :-1] | special[:, 1:])  # neither the input nor the target special
+        targets = ids[:, 1:][mask]
+        if targets.numel() == 0:
+            continue
+
+        def logp(ctx=contextlib.nullcontext()):
+            with ctx:
+                logits = model(input_ids=ids).logits[:, :-1][mask].float()
+            return F.log_softmax(logits, dim=-1)
+
+        lp_clean = logp()
+        lp_sae = logp(_splice(model, layer, hook, through_sae))
+        lp_zero = logp(_splice(model, layer, hook, zero))
+        for name, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero)):
+            tot[name] += float(F.nll_loss(lp, targets, reduction="sum"))
+        tot["kl"] += float(F.kl_div(lp_sae, lp_clean, log_target=True, reduction="sum"))
+        n_tok += targets.numel()
+    if n_tok == 0:
+        raise SaelabError("no held-out tokens to evaluate the LM loss on; "
+                          "check the corpus's held-out split")
+    ce = {k: v / n_tok for k, v in tot.items()}
+    denom = ce["zero"] - ce["clean"]
+    return {
+        "ce_clean": ce["clean"],
+        "ce_sae": ce["sae"],
+        "ce_zero_ablation": ce["zero"],
+        "delta_lm_loss": ce["sae"] - ce["clean"],
+        "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if denom != 0 else math.nan,
+        "kl_div": ce["kl"],
+        "lm_eval_tokens": n_tok,
+    }

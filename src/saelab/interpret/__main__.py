@@ -1,0 +1,4 @@
+"""`python -m saelab.interpret` runs the interpret stage."""
+from .stage import main
+
+main()

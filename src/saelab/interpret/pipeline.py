@@ -1,0 +1,253 @@
+"""The interpret stage's work, from sampled windows to scores, report and metrics.
+
+It takes the windows already sampled (no store, no SAE), so tests can drive it with
+planted features. Order of events: build every explainer request and write the request
+file; estimate the cost of what is not cached and stop if it could pass the cap; send
+(or, with backend `none`, stop there); parse explanations; build, estimate, send and
+parse the scoring requests; write the report and the metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import paths
+from ..config import InterpretCfg
+from ..errors import SaelabError
+from ..tracking import log_artifact, log_metrics
+from .backends import BatchBackend, BatchState, SyncBackend, make_client, request_file_lines
+from .cache import Request, ResponseCache
+from .cost import Budget, Prices, TokenCounter, estimate, token_counter
+from .decode import activation_mask, highlight, render
+from .prompts import explain_body, parse_explanation
+from .report import write_report
+from .sampling import LatentSamples
+from .scoring import SCORERS, ScorePrompt, build_prompts, detection_items, fuzzing_items, score
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = paths.STATE_DIR / "interpret" / "batches.json"
+
+
+@dataclass
+class LatentResult:
+    samples: LatentSamples
+    explanation: str | None = None
+    completions: list[str | None] = field(default_factory=list)
+    error: str = ""
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def latent(self) -> int:
+        return self.samples.latent
+
+
+def _explain_request(s: LatentSamples, table: list[bytes], cfg: InterpretCfg) -> Request:
+    texts = [highlight(render(w.tokens, table), activation_mask(w.acts, cfg.highlight_frac))
+             for w in s.explain]
+    body = explain_body(cfg.model, texts, max_words=cfg.max_words,
+                        chain_of_thought=cfg.chain_of_thought, n_completions=cfg.n_completions,
+                        temperature=cfg.temperature)
+    return Request.make(body, cfg.base_url)
+
+
+def _score_prompts(r: LatentResult, explanation: str, table: list[bytes], cfg: InterpretCfg,
+                   seed: int) -> list[ScorePrompt]:
+    """Deterministic in (seed, latent, scorer), so a rerun builds the same, cached requests."""
+    prompts = []
+    for k, scorer in enumerate(cfg.scorers):
+        rng = np.random.default_rng([seed, r.latent, k])
+        if scorer == "detection":
+            items = detection_items(r.samples, table)
+        else:
+            items = fuzzing_items(r.samples, table, cfg.highlight_frac, rng)
+        prompts += build_prompts(r.samples, scorer, explanation, items, model=cfg.model,
+                                 per_prompt=cfg.examples_per_prompt, logprobs=cfg.logprobs,
+                                 base_url=cfg.base_url, rng=rng)
+    return prompts
+
+
+def _parse(r: LatentResult, response: dict[str, Any] | None, max_words: int) -> None:
+    if response is None:
+        return
+    texts = [(c.get("message") or {}).get("content") for c in response.get("choices") or []
+             if isinstance(c, dict)]
+    r.completions = [parse_explanation(t, max_words) for t in texts]
+    r.explanation = next((e for e in r.completions if e), None)
+    if r.explanation is None:
+        r.error = "no explanation could be parsed from the reply: " + repr((texts or [""])[0])[:200]
+
+
+def _uncached(requests: list[Request], cache: ResponseCache) -> list[Request]:
+    seen: set[str] = set()
+    out = []
+    for r in requests:
+        if r.key not in seen and cache.get(r.key) is None:
+            seen.add(r.key)
+            out.append(r)
+    return out
+
+
+def _summary(results: list[LatentResult], scorers: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "n_latents": len(results),
+        "n_skipped": sum(bool(r.samples.skipped) for r in results),
+        "n_explained": sum(r.explanation is not None for r in results),
+        "n_unparsed": sum(bool(r.error) for r in results),
+    }
+    for scorer in scorers:
+        for metric in ("balanced_accuracy", "auc"):
+            vals = [r.scores[scorer][metric] for r in results
+                    if scorer in r.scores and r.scores[scorer][metric] is not None]
+            if vals:
+                out[f"{scorer}_{metric}_mean"] = float(np.mean(vals))
+                out[f"{scorer}_{metric}_median"] = float(statistics.median(vals))
+    return out
+
+
+def _latent_metrics(r: LatentResult) -> dict[str, Any]:
+    s = r.samples
+    return {"density": s.density, "n_fired": s.n_fired, "max_act": s.max_act,
+            "skipped": s.skipped or None, "explanation": r.explanation,
+            "error": r.error or None, **{k: v for k, v in r.scores.items()}}
+
+
+class _Sender:
+    """Sends through the configured backend and books what the new answers cost."""
+
+    def __init__(self, cfg: InterpretCfg, cache: ResponseCache, budget: Budget,
+                 counter: TokenCounter, sleep: Callable[[float], None]):
+        client = make_client(cfg.base_url, cfg.timeout_s)
+        self.cache, self.budget, self.counter = cache, budget, counter
+        self.sent = 0
+        if cfg.backend == "openai-batch":
+            self.backend = BatchBackend(client, cache, BatchState(STATE_FILE),
+                                        base_url=cfg.base_url, poll_s=cfg.poll_s,
+                                        max_rounds=cfg.max_retries, batch_id=cfg.batch_id,
+                                        sleep=sleep)
+        else:
+            self.backend = SyncBackend(client, cache, concurrency=cfg.concurrency,
+                                       max_retries=cfg.max_retries,
+                                       retry_base_s=cfg.retry_base_s, sleep=sleep)
+
+    def send(self, todo: list[Request], what: str) -> None:
+        self.budget.check(estimate(todo, self.counter, self.budget.prices), what)
+        outcome = self.backend.send(todo, what)
+        self.sent += outcome.sent
+        for r in todo:
+            got = self.cache.get(r.key)
+            if got is not None:
+                self.budget.add(got)
+        if outcome.failed:
+            first = next(iter(outcome.failed.values()))
+            log.warning("%d %s requests got no answer (e.g. %s); rerun to retry them",
+                        len(outcome.failed), what, first)
+
+
+def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: InterpretCfg, *,
+                  seed: int, out_dir: Path = paths.INTERPRET_DIR,
+                  metrics_path: Path = paths.INTERPRET_METRICS,
+                  counter: TokenCounter | None = None,
+                  sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Explain and score the sampled latents; write the report and the metrics."""
+    unknown = [s for s in cfg.scorers if s not in SCORERS]
+    if unknown:
+        raise SaelabError(f"interpret.scorers has unknown scorer(s) {unknown}; "
+                          f"choose from {list(SCORERS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = ResponseCache(cfg.cache_dir)
+    counter = counter or token_counter(cfg.model)
+    discount = cfg.batch_discount if cfg.backend == "openai-batch" else 0.0
+    prices = Prices(cfg.price_in_per_mtok, cfg.price_out_per_mtok, discount)
+    results = [LatentResult(s) for s in samples]
+    live = [r for r in results if not r.samples.skipped]
+    for r in results:
+        if r.samples.skipped:
+            log.info("latent %d skipped: %s", r.latent, r.samples.skipped)
+
+    explain = {r.latent: _explain_request(r.samples, table, cfg) for r in live}
+    request_file = out_dir / "requests.jsonl"
+    request_file.write_text(request_file_lines(explain.values()), encoding="utf-8")
+
+    # The plan: explanations not cached, plus the scoring they lead to (with a stand-in
+    # explanation of max_words words where the real one is not known yet).
+    stand_in = " ".join(["palabra"] * cfg.max_words)
+    planned_scoring: list[Request] = []
+    for r in live:
+        cached = cache.get(explain[r.latent].key)
+        probe = LatentResult(r.samples)
+        _parse(probe, cached, cfg.max_words)
+        planned_scoring += [p.request for p in
+                            _score_prompts(r, probe.explanation or stand_in, table, cfg, seed)]
+    plan = (estimate(_uncached(list(explain.values()), cache), counter, prices)
+            + estimate(_uncached(planned_scoring, cache), counter, prices))
+    cost: dict[str, Any] = {
+        "token_count_method": plan.method, "token_count_exact": counter.exact,
+        "estimated_input_tokens": plan.input_tokens,
+        "estimated_output_tokens_max": plan.output_tokens,
+        "estimated_usd": plan.usd, "batch_discount_applied": discount,
+        "max_usd": cfg.max_usd, "requests_planned": plan.n_requests,
+    }
+    budget = Budget(cfg.max_usd, prices)
+
+    if cfg.backend == "none":
+        batch_usd = Prices(prices.in_per_mtok, prices.out_per_mtok, cfg.batch_discount).usd(
+            plan.input_tokens, plan.output_tokens)
+        cost["estimated_usd_batch"] = batch_usd
+        log.info("backend none: NO explanations were requested. %d ready-to-send explainer "
+                 "requests are in %s (Batch API format). Estimated cost of explaining and "
+                 "scoring: <= $%.4f synchronous, <= $%.4f with the Batch API (%s). Set "
+                 "interpret.backend=openai or openai-batch and OPENAI_API_KEY to run them.",
+                 len(explain), request_file, plan.usd, batch_usd, plan.describe())
+    else:
+        log.info("interpret plan: %s", plan.describe())
+        budget.check(plan, "this run")
+        sender = _Sender(cfg, cache, budget, counter, sleep)
+        sender.send(_uncached(list(explain.values()), cache), "explanations")
+        for r in live:
+            _parse(r, cache.get(explain[r.latent].key), cfg.max_words)
+            if r.explanation is None and not r.error:
+                r.error = "no answer from the API"
+
+        prompts = {r.latent: _score_prompts(r, r.explanation, table, cfg, seed)
+                   for r in live if r.explanation}
+        scoring_requests = [p.request for ps in prompts.values() for p in ps]
+        sender.send(_uncached(scoring_requests, cache), "scoring")
+        for r in live:
+            if r.latent in prompts:
+                responses = {p.request.key: cache.get(p.request.key) for p in prompts[r.latent]}
+                for scorer in cfg.scorers:
+                    r.scores[scorer] = score([p for p in prompts[r.latent]
+                                              if p.scorer == scorer], responses)
+        request_file.write_text(request_file_lines(list(explain.values()) + scoring_requests),
+                                encoding="utf-8")
+        cost.update(spent_usd=budget.spent, requests_sent=sender.sent)
+
+    summary = _summary(results, cfg.scorers)
+    metrics = {"backend": cfg.backend, "model": cfg.model, "summary": summary, "cost": cost,
+               "latents": {str(r.latent): _latent_metrics(r) for r in results}}
+    (out_dir / "explanations.json").write_text(json.dumps(
+        [{"latent": r.latent, "explanation": r.explanation, "completions": r.completions,
+          "error": r.error or None, "skipped": r.samples.skipped or None, "scores": r.scores}
+         for r in results], indent=1, ensure_ascii=False), encoding="utf-8")
+    metrics_path = Path(metrics_path)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_report(out_dir, results, table, cfg, summary, cost)
+
+    log_metrics({"interpret": summary, "cost": {k: v for k, v in cost.items()
+                                                if isinstance(v, (int, float))}})
+    for r in results:
+        log_metrics({f"latent.{scorer}.{m}": v for scorer, sc in r.scores.items()
+                     for m, v in sc.items() if isinstance(v, (int, float))}, step=r.latent)
+    log_artifact(out_dir)
+    log_artifact(metrics_path)
+    return metrics

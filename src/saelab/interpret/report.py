@@ -1,0 +1,191 @@
+"""Static HTML report: an index of latents and one page per latent, no scripts, no CDN.
+
+Every text that comes from the corpus or the model is HTML-escaped. Each latent page shows
+its activation histogram (PNG next to the page), its explanation and scores, and its
+windows with every character shaded by the activation of the token(s) it came from.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..config import InterpretCfg
+from ..plots import new_figure, save
+from .decode import char_values, render
+from .sampling import Window
+
+if TYPE_CHECKING:
+    from .pipeline import LatentResult
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .5em;
+vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.ex{font-family:ui-monospace,monospace;white-space:pre-wrap;word-break:break-word}
+.note{color:#666}mark{color:inherit;border-radius:2px}
+"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def _num(v: Any, fmt: str = ".3f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def page_name(latent: int) -> str:
+    return f"latent_{latent:06d}.html"
+
+
+def example_html(w: Window, table: list[bytes], scale: float) -> str:
+    """The window's text, each run of equally active characters shaded by its activation."""
+    r = render(w.tokens, table)
+    vals = char_values(r, w.acts)
+    out, i = [], 0
+    while i < len(r.text):
+        j = i + 1
+        while j < len(r.text) and vals[j] == vals[i]:
+            j += 1
+        text = html.escape(r.text[i:j])
+        if vals[i] > 0:
+            alpha = min(1.0, 0.15 + 0.85 * float(vals[i]) / scale) if scale > 0 else 1.0
+            out.append(f'<mark style="background:rgba(255,120,0,{alpha:.2f})" '
+                       f'title="{float(vals[i]):.4g}">{text}</mark>')
+        else:
+            out.append(text)
+        i = j
+    return "".join(out)
+
+
+def _examples_table(windows: list[Window], table: list[bytes], scale: float,
+                    label: str) -> str:
+    if not windows:
+        return "<p class=\"note\">none</p>"
+    rows = "".join(
+        f"<tr><td class=\"num\">{w.max_act:.3g}</td><td class=\"num\">{w.row}:{w.start}</td>"
+        f"<td class=\"ex\">{example_html(w, table, scale)}</td></tr>" for w in windows)
+    return (f"<table><tr><th>{label}</th><th>row:start</th><th>text</th></tr>{rows}</table>")
+
+
+def _scores_html(scores: dict[str, dict[str, Any]]) -> str:
+    if not scores:
+        return "<p class=\"note\">not scored</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class=\"num\">{_num(s.get('balanced_accuracy'))}"
+        f"</td><td class=\"num\">{_num(s.get('auc'))}</td><td class=\"num\">{s.get('n', 0)}"
+        f"</td><td class=\"num\">{s.get('n_unanswered', 0)}</td></tr>" for name, s in scores.items())
+    return ("<table><tr><th>scorer</th><th>balanced accuracy</th><th>AUC</th><th>examples</th>"
+            f"<th>unanswered</th></tr>{rows}</table>")
+
+
+def _histogram(r: "LatentResult", path: Path) -> bool:
+    s = r.samples
+    if not s.hist_counts:
+        return False
+    fig, ax = new_figure(f"latent {s.latent}: activations where it fires", "activation",
+                         "tokens", logy=True, size=(6.0, 3.0))
+    ax.stairs(np.asarray(s.hist_counts), np.asarray(s.hist_edges), fill=True, alpha=0.7)
+    save(fig, path)
+    return True
+
+
+def _explanation_html(r: "LatentResult", cfg: InterpretCfg) -> str:
+    if r.samples.skipped:
+        return f"<p class=\"note\">skipped: {html.escape(r.samples.skipped)}</p>"
+    if cfg.backend == "none":
+        return "<p class=\"note\">not requested (interpret.backend = none)</p>"
+    if r.explanation is None:
+        return f"<p class=\"note\">no explanation: {html.escape(r.error)}</p>"
+    out = f"<p><b>this neuron fires on</b> {html.escape(r.explanation)}</p>"
+    if len(r.completions) > 1:
+        items = "".join(f"<li>{html.escape(c) if c else '<i>unparsed</i>'}</li>"
+                        for c in r.completions)
+        out += f"<p class=\"note\">all completions (the first parsed one is used):</p><ul>{items}</ul>"
+    return out
+
+
+def _latent_page(r: "LatentResult", table: list[bytes], cfg: InterpretCfg,
+                 out_dir: Path) -> str:
+    s = r.samples
+    png = Path(page_name(s.latent)).with_suffix(".png").name
+    has_hist = _histogram(r, out_dir / png)
+    scale = s.max_act
+    parts = [
+        f"<p><a href=\"index.html\">&larr; all latents</a></p><h1>Latent {s.latent}</h1>",
+        _explanation_html(r, cfg),
+        f"<p>fires on {s.n_fired:,} of {s.n_tokens:,} stored tokens (density "
+        f"{s.density:.3e}); max activation {s.max_act:.4g}</p>",
+        _scores_html(r.scores),
+        f"<p><img src=\"{png}\" alt=\"activation histogram\"></p>" if has_hist else "",
+        f"<h2>Top activations</h2><p class=\"note\">the first {s.n_explain} were shown to the "
+        "explainer; none of them is used for scoring</p>",
+        _examples_table(s.top, table, scale, "max act"),
+        "<h2>Activation quantiles</h2><p class=\"note\">bin 0 holds the weakest activations; "
+        "these windows are the activating examples of the scorers</p>",
+    ]
+    for q in sorted({w.quantile for w in s.quantiles}):
+        parts.append(f"<h3>bin {q}</h3>")
+        parts.append(_examples_table([w for w in s.quantiles if w.quantile == q], table,
+                                     scale, "max act"))
+    parts.append("<h2>Random windows where it is silent</h2>")
+    parts.append(_examples_table(s.random, table, scale, "max act"))
+    return _page(f"latent {s.latent}", "\n".join(parts))
+
+
+def write_report(out_dir: Path, results: list["LatentResult"], table: list[bytes],
+                 cfg: InterpretCfg, summary: dict[str, Any], cost: dict[str, Any]) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        (out_dir / page_name(r.latent)).write_text(_latent_page(r, table, cfg, out_dir),
+                                                   encoding="utf-8")
+    scorers = list(cfg.scorers)
+    head = ("<tr><th>latent</th><th>explanation (this neuron fires on …)</th>"
+            + "".join(f"<th>{html.escape(s)} bal. acc.</th><th>{html.escape(s)} AUC</th>"
+                      for s in scorers)
+            + "<th>density</th><th>max act</th></tr>")
+    rows = []
+    for r in results:
+        s = r.samples
+        if s.skipped:
+            text = f"<span class=\"note\">skipped: {html.escape(s.skipped)}</span>"
+        elif r.explanation is None:
+            why = "not requested" if cfg.backend == "none" else r.error
+            text = f"<span class=\"note\">{html.escape(why)}</span>"
+        else:
+            text = html.escape(r.explanation)
+        cells = "".join(f"<td class=\"num\">{_num(r.scores.get(sc, {}).get('balanced_accuracy'))}"
+                        f"</td><td class=\"num\">{_num(r.scores.get(sc, {}).get('auc'))}</td>"
+                        for sc in scorers)
+        rows.append(f"<tr><td class=\"num\"><a href=\"{page_name(s.latent)}\">{s.latent}</a></td>"
+                    f"<td>{text}</td>{cells}<td class=\"num\">{s.density:.2e}</td>"
+                    f"<td class=\"num\">{s.max_act:.3g}</td></tr>")
+    spent = cost.get("spent_usd")
+    money = (f"estimated cost <= ${cost['estimated_usd']:.4f} for {cost['requests_planned']} "
+             f"uncached requests (input tokens: {html.escape(cost['token_count_method'])}; "
+             "output tokens counted at their max_tokens, an upper bound)")
+    if "estimated_usd_batch" in cost:
+        money += f"; <= ${cost['estimated_usd_batch']:.4f} with the Batch API discount"
+    if spent is not None:
+        money += f"; spent this run ${spent:.4f} on {cost.get('requests_sent', 0)} answered requests"
+    if not cost.get("token_count_exact", True):
+        money += (". <b>Token counts are a chars/4 estimate</b>: tiktoken's encoding could not "
+                  "be loaded offline")
+    notice = ("<p><b>No explanations were requested</b> (interpret.backend = none). The "
+              "explainer requests are in <a href=\"requests.jsonl\">requests.jsonl</a>, ready "
+              "for the Batch API.</p>" if cfg.backend == "none" else "")
+    stats = "".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td class=\"num\">"
+                    f"{_num(v) if isinstance(v, float) else v}</td></tr>"
+                    for k, v in summary.items())
+    body = (f"<h1>Latent explanations</h1>{notice}<p>backend {html.escape(cfg.backend)}, "
+            f"model {html.escape(cfg.model)}</p><table>{stats}</table>"
+            f"<p class=\"note\">{money}</p><table>{head}{''.join(rows)}</table>")
+    index = out_dir / "index.html"
+    index.write_text(_page("Latent explanations", body), encoding="utf-8")
+    return index

@@ -1,0 +1,330 @@
+"""Scaling-law fits: loss against SAE size, the best learning rate per size, lr* against size.
+
+- `fit_loss_vs_size`: L = a N^-b + c (c >= 0 is the irreducible loss) by least squares,
+  started from the best pure power law for each c (a 1-D profile, so no fragile guess).
+  With two sizes the three parameters are not identified: c = 0 and the line through
+  the two points in log-log space (the seed's two-step method), said in `Fit.note`.
+- `best_lr_parabola`: a parabola in log10(lr); its vertex is lr*.
+- `fit_lr_vs_size`: lr* = a N^b, least squares in log-log space.
+
+Uncertainty is a bootstrap. With per-point standard errors (`sigma`: the pilot grid
+measures them from the spread of each size's lr curve) it is parametric: redraw each
+point from its error and refit. Without them it resamples the fit's residuals (scaled
+by sqrt(n / (n - p)) for the parameters they absorbed), which needs more points than
+parameters; an exact fit gets no interval, and the note says so.
+
+Inputs a law cannot describe (one size, NaN losses, loss rising with size, a best lr
+on the edge of the grid) raise `FitError` with what to change, never a number.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from scipy.optimize import least_squares, minimize_scalar
+
+from .errors import SaelabError
+
+LEVEL = 0.95
+
+
+class FitError(SaelabError):
+    """The data cannot support the requested fit; the message says why and what to change."""
+
+
+@dataclass
+class Fit:
+    """One fitted law. `law` is "loss" (L = a N^-b + c) or "lr" (lr = a N^b)."""
+
+    law: str
+    coef: dict[str, float]
+    x: list[float]
+    y: list[float]
+    residuals: list[float]
+    r2: float | None
+    method: str
+    note: str = ""
+    ci: dict[str, list[float]] | None = None
+    # Bootstrap replicates of the coefficients (rows follow `coef`'s keys), for intervals
+    # on predictions; not serialised.
+    boot: np.ndarray | None = field(default=None, repr=False)
+    boot_failed: int = 0
+
+    def _eval(self, n: np.ndarray, coef: Sequence[float]) -> np.ndarray:
+        if self.law == "loss":
+            a, b, c = coef
+            return a * n ** (-b) + c
+        a, b = coef
+        return a * n ** b
+
+    def predict(self, n):
+        """The law at size(s) n (float for a scalar, array otherwise)."""
+        out = self._eval(np.asarray(n, dtype=float), list(self.coef.values()))
+        return float(out) if np.ndim(out) == 0 else out
+
+    def predict_ci(self, n, level: float = LEVEL) -> list[float] | None:
+        """Percentile bootstrap interval of the prediction at a scalar n (None without one)."""
+        if self.boot is None or len(self.boot) == 0:
+            return None
+        preds = self._eval(np.full(len(self.boot), float(n)), self.boot.T)
+        q = 100 * (1 - level) / 2
+        return [float(np.percentile(preds, q)), float(np.percentile(preds, 100 - q))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "law": "L = a * N^-b + c" if self.law == "loss" else "lr = a * N^b",
+            "method": self.method,
+            "coef": self.coef,
+            "ci": self.ci,
+            "ci_level": LEVEL if self.ci else None,
+            "bootstrap_reps": 0 if self.boot is None else int(len(self.boot)),
+            "bootstrap_failed": self.boot_failed,
+            "r2": self.r2,
+            "x": self.x,
+            "y": self.y,
+            "residuals": self.residuals,
+            "note": self.note,
+        }
+
+
+# --- input checks --------------------------------------------------------------------
+
+def _as_arrays(sizes, values, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(sizes, dtype=float).ravel()
+    y = np.asarray(values, dtype=float).ravel()
+    if len(x) != len(y):
+        raise FitError(f"{len(x)} sizes but {len(y)} {what} values; pass one value per size")
+    bad = [f"d_sae={s:g}" for s, v in zip(x, y) if not math.isfinite(v)]
+    if bad:
+        raise FitError(f"{what} is NaN/inf at {', '.join(bad)}: those pilots diverged or "
+                       "failed; lower the top of scaling.lr_grid or check the pilot logs")
+    if np.any(x <= 0) or np.any(~np.isfinite(x)):
+        raise FitError(f"sizes must be finite and > 0, got {x.tolist()}")
+    if np.any(y <= 0):
+        raise FitError(f"{what} must be > 0 for a power law, got {y.tolist()}")
+    distinct = np.unique(x)
+    if len(distinct) < 2:
+        raise FitError(f"only one size ({', '.join(f'{s:g}' for s in distinct) or 'none'}): "
+                       f"a power law of {what} needs at least 2 sizes (3 for an irreducible "
+                       "term); add sizes to scaling.d_sae_grid")
+    return x, y
+
+
+def _check_decreasing(x: np.ndarray, y: np.ndarray) -> None:
+    sizes = np.unique(x)
+    means = np.array([y[x == s].mean() for s in sizes])
+    rises = [f"d_sae={sizes[i]:g} -> {means[i]:.4g} but d_sae={sizes[i + 1]:g} -> "
+             f"{means[i + 1]:.4g}" for i in range(len(sizes) - 1) if means[i + 1] >= means[i]]
+    if rises:
+        raise FitError("loss does not decrease with size (" + "; ".join(rises) + "), so no "
+                       "L = a N^-b + c with b > 0 fits it. Usual causes: pilots too short for "
+                       "the larger SAEs (raise scaling.n_tokens), a learning rate grid that "
+                       "misses some sizes' optimum, or sizes too close together for the noise")
+
+
+# --- the fits --------------------------------------------------------------------------
+
+def _loglog(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, s) of y = a x^s by least squares in log-log space."""
+    s, log_a = np.polyfit(np.log(x), np.log(y), 1)
+    return float(np.exp(log_a)), float(s)
+
+
+def _fit_offset(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(a, b, c) of y = a x^-b + c, c in [0, min y), a > 0, b >= 0."""
+    if np.min(y) <= 0:
+        raise FitError("non-positive loss in the data")
+    # Sizes relative to their geometric mean keep a of the order of the losses.
+    x0 = float(np.exp(np.mean(np.log(x))))
+    u = x / x0
+
+    def given_c(c: float) -> tuple[float, float]:
+        a, s = _loglog(u, y - c)
+        return a, -s
+
+    def sse(c: float) -> float:
+        a, b = given_c(c)
+        return float(np.sum((a * u ** (-b) + c - y) ** 2))
+
+    c0 = minimize_scalar(sse, bounds=(0.0, float(np.min(y)) * (1 - 1e-9)), method="bounded").x
+    a0, b0 = given_c(c0)
+    res = least_squares(lambda p: p[0] * u ** (-p[1]) + p[2] - y,
+                        x0=[a0, max(b0, 0.0), c0], bounds=([0.0, 0.0, 0.0], np.inf),
+                        x_scale="jac")
+    a, b, c = res.x
+    return float(a * x0 ** b), float(b), float(c)
+
+
+def _bootstrap(refit: Callable[[np.ndarray], Sequence[float]], yhat: np.ndarray,
+               resid: np.ndarray, sigma: np.ndarray | None, n_params: int, reps: int,
+               seed: int) -> tuple[np.ndarray | None, int, str]:
+    """Coefficient replicates from refits of redrawn data; (replicates, failures, note)."""
+    n = len(yhat)
+    if reps <= 0:
+        return None, 0, "no bootstrap (scaling.bootstrap = 0)"
+    if sigma is None and n <= n_params:
+        return None, 0, (f"no confidence interval: {n} points for {n_params} parameters leave "
+                         "no residuals to resample; add sizes or pass per-point errors")
+    rng = np.random.default_rng(seed)
+    scaled = resid * math.sqrt(n / (n - n_params)) if sigma is None else None
+    rows, failed = [], 0
+    for _ in range(reps):
+        if sigma is not None:
+            y = yhat + rng.normal(0.0, sigma)
+        else:
+            y = yhat + rng.choice(scaled, size=n, replace=True)
+        try:
+            coef = refit(y)
+        except (FitError, ValueError, FloatingPointError, np.linalg.LinAlgError):
+            failed += 1
+            continue
+        if np.all(np.isfinite(coef)):
+            rows.append(coef)
+        else:
+            failed += 1
+    how = ("parametric bootstrap from per-point errors" if sigma is not None
+           else "bootstrap of scaled residuals")
+    note = f"{how}, {reps} reps"
+    if failed:
+        note += f", {failed} refits failed and were dropped"
+    return (np.array(rows) if rows else None), failed, note
+
+
+def _ci(boot: np.ndarray | None, names: Sequence[str]) -> dict[str, list[float]] | None:
+    if boot is None or len(boot) == 0:
+        return None
+    q = 100 * (1 - LEVEL) / 2
+    return {k: [float(np.percentile(boot[:, i], q)), float(np.percentile(boot[:, i], 100 - q))]
+            for i, k in enumerate(names)}
+
+
+def _r2(y: np.ndarray, yhat: np.ndarray, n_params: int) -> float | None:
+    # With as many points as parameters R^2 is 1 by construction and says nothing.
+    if len(y) <= n_params:
+        return None
+    sst = float(np.sum((y - y.mean()) ** 2))
+    return 1.0 - float(np.sum((y - yhat) ** 2)) / sst if sst > 0 else None
+
+
+def fit_loss_vs_size(sizes: Sequence[float], losses: Sequence[float], *,
+                     sigma: Sequence[float] | None = None, bootstrap: int = 200,
+                     seed: int = 0) -> Fit:
+    """L = a N^-b + c; with exactly two sizes c = 0 (pure power law through the points)."""
+    x, y = _as_arrays(sizes, losses, "loss")
+    _check_decreasing(x, y)
+    sig = None if sigma is None else np.asarray(sigma, dtype=float)
+    if len(np.unique(x)) >= 3:
+        a, b, c = _fit_offset(x, y)
+        n_params, method, note = 3, "least squares", ""
+        refit = lambda yy: _fit_offset(x, yy)  # noqa: E731
+    else:
+        a, s = _loglog(x, y)
+        b, c = -s, 0.0
+        n_params, method = 2, "power law through two sizes in log-log space (c = 0)"
+        note = ("only two sizes: the irreducible term c is not identifiable and is set to 0 "
+                "(the seed's two-step law); add a third size to fit it")
+        refit = lambda yy: _with_zero_c(_loglog(x, yy))  # noqa: E731
+    coef = {"a": a, "b": b, "c": c}
+    fit = Fit("loss", coef, x.tolist(), y.tolist(), [], None, method, note)
+    yhat = fit.predict(x)
+    fit.residuals = (y - yhat).tolist()
+    fit.r2 = _r2(y, yhat, n_params)
+    boot, failed, bnote = _bootstrap(refit, yhat, y - yhat, sig, n_params, bootstrap, seed)
+    fit.boot, fit.boot_failed = boot, failed
+    fit.ci = _ci(boot, list(coef))
+    fit.note = "; ".join(filter(None, [note, bnote]))
+    return fit
+
+
+def _with_zero_c(a_s: tuple[float, float]) -> tuple[float, float, float]:
+    a, s = a_s
+    return a, -s, 0.0
+
+
+def fit_lr_vs_size(sizes: Sequence[float], lr_stars: Sequence[float], *,
+                   sigma_log: Sequence[float] | None = None, bootstrap: int = 200,
+                   seed: int = 0) -> Fit:
+    """lr* = a N^b by least squares in log-log space; `sigma_log` are errors of ln lr*."""
+    x, y = _as_arrays(sizes, lr_stars, "best learning rate")
+    a, b = _loglog(x, y)
+    fit = Fit("lr", {"a": a, "b": b}, x.tolist(), y.tolist(), [], None,
+              "least squares in log-log space")
+    ly, lyhat = np.log(y), np.log(fit.predict(x))
+    # Residuals and R^2 live where the fit was made: ln lr.
+    fit.residuals = (ly - lyhat).tolist()
+    fit.r2 = _r2(ly, lyhat, 2)
+    sig = None if sigma_log is None else np.asarray(sigma_log, dtype=float)
+    boot, failed, bnote = _bootstrap(lambda yy: _loglog(x, np.exp(yy)), lyhat, ly - lyhat, sig,
+                                     2, bootstrap, seed)
+    fit.boot, fit.boot_failed = boot, failed
+    fit.ci = _ci(boot, ["a", "b"])
+    fit.note = "residuals and R^2 are in ln(lr); " + bnote
+    return fit
+
+
+def best_lr_parabola(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, dict]:
+    """lr* from a parabola in log10(lr) through the finite losses of one size.
+
+    A non-finite loss (a diverged pilot) counts as worse than any finite one when
+    deciding whether the best lr is bracketed, and is left out of the parabola.
+    """
+    lr = np.asarray(lrs, dtype=float).ravel()
+    loss = np.asarray(losses, dtype=float).ravel()
+    if len(lr) != len(loss):
+        raise FitError(f"{len(lr)} learning rates but {len(loss)} losses")
+    if np.any(lr <= 0) or len(np.unique(lr)) != len(lr):
+        raise FitError(f"learning rates must be distinct and > 0, got {lr.tolist()}")
+    order = np.argsort(lr)
+    lr, loss = lr[order], loss[order]
+    finite = np.isfinite(loss)
+    if finite.sum() < 3:
+        raise FitError(f"only {int(finite.sum())} finite losses over learning rates "
+                       f"{lr.tolist()}: a parabola needs 3; the others diverged. Add smaller "
+                       "learning rates to scaling.lr_grid")
+    i = int(np.argmin(np.where(finite, loss, np.inf)))
+    if i == 0:
+        raise FitError(f"the best learning rate {lr[0]:.3g} is the smallest in the grid, so "
+                       "the optimum may lie below it; extend scaling.lr_grid downwards "
+                       f"(e.g. add {lr[0] / 3:.1e})")
+    if i == len(lr) - 1:
+        raise FitError(f"the best learning rate {lr[-1]:.3g} is the largest in the grid, so "
+                       "the optimum may lie above it; extend scaling.lr_grid upwards "
+                       f"(e.g. add {lr[-1] * 3:.1e})")
+    x, y = np.log10(lr[finite]), loss[finite]
+    design = np.vander(x, 3)
+    p, *_ = np.linalg.lstsq(design, y, rcond=None)
+    p2, p1, p0 = (float(v) for v in p)
+    if p2 <= 0:
+        raise FitError(f"the losses over learning rates {lr.tolist()} are not bowl-shaped "
+                       "(the parabola in log lr opens downwards), so there is no lr*; "
+                       "check the pilots or widen scaling.lr_grid")
+    x_star = -p1 / (2 * p2)
+    if not x.min() <= x_star <= x.max():
+        raise FitError(f"the parabola's minimum lr = {10 ** x_star:.3g} lies outside the "
+                       f"finite-loss range [{10 ** x.min():.3g}, {10 ** x.max():.3g}]; "
+                       "refine scaling.lr_grid around the best learning rate")
+    yhat = design @ p
+    n, dof = len(x), len(x) - 3
+    resid_sd = se = None
+    if dof > 0:
+        s2 = float(np.sum((y - yhat) ** 2)) / dof
+        resid_sd = math.sqrt(s2)
+        # Delta method on x* = -p1 / (2 p2).
+        cov = s2 * np.linalg.inv(design.T @ design)
+        grad = np.array([p1 / (2 * p2 ** 2), -1 / (2 * p2), 0.0])
+        se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
+    info = {
+        "coef": [p2, p1, p0],
+        "log10_lr_star": x_star,
+        "loss_at_lr_star": p2 * x_star ** 2 + p1 * x_star + p0,
+        "best_grid_lr": float(lr[i]),
+        "best_grid_loss": float(loss[i]),
+        "n_points": n,
+        "r2": _r2(y, yhat, 3),
+        "resid_sd": resid_sd,
+        "log10_lr_star_se": se,
+        "dropped_nonfinite_lrs": lr[~finite].tolist(),
+    }
+    return float(10 ** x_star), info

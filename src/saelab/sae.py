@@ -1,0 +1,280 @@
+"""Sparse autoencoders: JumpReLU (Gemma Scope), TopK and BatchTopK, and SAELens-layout export.
+
+Weights follow SAELens's layout so export is a plain copy: W_enc [d_in, d_sae],
+W_dec [d_sae, d_in] (row i is latent i's decoder atom), b_enc [d_sae], b_dec [d_in].
+
+    z = (x - b_dec) W_enc + b_enc          pre-activation
+    f = JumpReLU_theta(z) = z H(z - theta)  | TopK(z) | BatchTopK(z)
+    x_hat = f W_dec + b_dec
+
+The trainer sees activations scaled by one dataset scalar C (E||C x||^2 = 1);
+`export_sae` folds C into the biases and thresholds so the exported SAE takes raw x.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import SAECfg
+from .errors import SaelabError
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+# SAELens's config format version our cfg.json follows (>= 6.0 skips its legacy key renaming).
+SAELENS_FORMAT_VERSION = "6.54.12"
+
+
+# --- straight-through estimators (Gemma Scope, arXiv 2408.05147 §3.1; rectangle kernel) ---
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z H(z - theta). d/dz = H(z - theta); d/dtheta = -(theta/eps) K((z - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        # theta is fp32 (z may be bf16 under autocast): the kernel is evaluated in fp32.
+        zt, gt = z.to(theta.dtype), g.to(theta.dtype)
+        dz = g * (z > theta).to(g.dtype)
+        dtheta = -(theta / eps) * (_rectangle((zt - theta) / eps) * gt).sum(0)
+        return dz, dtheta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta) for the L0 count. No gradient to z (so the L0 term trains only theta);
+    d/dtheta = -(1/eps) K((z - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        zt, gt = z.to(theta.dtype), g.to(theta.dtype)
+        dtheta = -(1.0 / eps) * (_rectangle((zt - theta) / eps) * gt).sum(0)
+        return None, dtheta, None
+
+
+def jumprelu(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    return _JumpReLU.apply(z, theta, eps)
+
+
+def step(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    return _Step.apply(z, theta, eps)
+
+
+# --- the model -------------------------------------------------------------------------
+
+class SAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, cfg: SAECfg):
+        super().__init__()
+        self.d_in, self.d_sae, self.cfg = d_in, d_sae, cfg
+        self.arch = cfg.architecture
+        if self.arch != "jumprelu" and cfg.k > d_sae:
+            raise SaelabError(f"sae.k = {cfg.k} exceeds d_sae = {d_sae}; lower sae.k")
+        # He-uniform in the math layout [d_in, d_sae] (fan_in = d_sae), then unit-norm atoms;
+        # the encoder starts as the decoder's transpose, biases at zero.
+        W = torch.empty(d_in, d_sae)
+        nn.init.kaiming_uniform_(W, a=0.0, mode="fan_in", nonlinearity="relu")
+        W_dec = W.t().contiguous()
+        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if self.arch == "jumprelu":
+            init = torch.full((d_sae,), float(cfg.threshold_init))
+            if cfg.theta_param == "log":
+                self.log_threshold = nn.Parameter(init.log())
+            else:
+                self.raw_threshold = nn.Parameter(init)
+        elif self.arch == "batchtopk":
+            # Inference threshold, estimated during training (EMA of the smallest kept
+            # activation per batch); BatchTopK exports as JumpReLU with it.
+            self.register_buffer("batch_threshold", torch.zeros((), dtype=torch.float64))
+
+    # -- pieces -------------------------------------------------------------------------
+    @property
+    def threshold(self) -> torch.Tensor:
+        """theta in fp32 (trained as log theta or raw theta)."""
+        if self.arch == "jumprelu":
+            if self.cfg.theta_param == "log":
+                return self.log_threshold.exp()
+            return self.raw_threshold
+        if self.arch == "batchtopk":
+            return self.batch_threshold.float().expand(self.d_sae)
+        raise AttributeError("a TopK SAE has no threshold")
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        # addmm fuses the bias into the matmul; leading dims (batch, position) are flattened.
+        z = torch.addmm(self.b_enc, (x - self.b_dec).reshape(-1, self.d_in), self.W_enc)
+        return z.view(*x.shape[:-1], self.d_sae)
+
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        if self.arch == "jumprelu":
+            return jumprelu(z, self.threshold, self.cfg.bandwidth)
+        if self.arch == "topk":
+            vals, idx = z.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(z).scatter_(-1, idx, vals.relu())
+        if self.training:
+            return _batch_topk(z, self.cfg.k)
+        return z * (z > self.batch_threshold.to(z.dtype)).to(z.dtype)
+
+    # -- public API -----------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        x_hat = torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.W_dec)
+        return x_hat.view(*f.shape[:-1], self.d_in)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.encode(x)
+        return self.decode(f), f
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the component of each atom's gradient parallel to the atom.
+
+        With unit-norm atoms the parallel part only changes the norm, which the
+        renormalisation after the step would undo; Adam would still count it.
+        """
+        g = self.W_dec.grad
+        if g is None:
+            return
+        W = self.W_dec.to(g.dtype)
+        g.sub_((g * W).sum(dim=1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def update_batch_threshold(self, f: torch.Tensor, rate: float = 0.01) -> None:
+        """BatchTopK: track the smallest activation that batch top-k kept."""
+        pos = f[f > 0]
+        if pos.numel():
+            m = pos.min().double()
+            first = self.batch_threshold == 0
+            self.batch_threshold.copy_(torch.where(first, m, (1 - rate) * self.batch_threshold
+                                                   + rate * m))
+
+
+def _batch_topk(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k * batch largest (relu'd) pre-activations of the whole batch."""
+    flat = z.relu().flatten()
+    vals, idx = flat.topk(k * z.shape[0], sorted=False)
+    return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(z)
+
+
+def auxk_decode(sae: SAE, z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """Decode (without b_dec) the top-k_aux pre-activations of dead latents (Gao et al. AuxK).
+
+    k_aux must not exceed the number of dead latents.
+    """
+    masked = z.masked_fill(~dead, float("-inf"))
+    vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    return F.embedding_bag(idx, sae.W_dec.to(z.dtype), per_sample_weights=vals.relu(),
+                           mode="sum")
+
+
+# --- export / load (SAELens layout) ----------------------------------------------------
+
+def export_sae(sae: SAE, out_dir: Path, *, scale: float, meta: dict[str, Any]) -> Path:
+    """Write cfg.json + sae_weights.safetensors in SAELens's layout, taking raw activations.
+
+    The normalisation scalar C is folded in: b_enc/C, theta/C, b_dec/C (W unchanged), so
+    x_hat'(x) = x_hat(C x) / C and f'(x) = f(C x) / C; hence normalize_activations "none".
+    BatchTopK exports as JumpReLU with its estimated threshold (as SAELens does).
+    `meta` fills SAELens's metadata (model_name, hook_name, ...) and our own fields.
+    """
+    if not (scale > 0 and math.isfinite(scale)):
+        raise SaelabError(f"normalisation scale must be a positive number, got {scale}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = float(scale)
+    with torch.no_grad():
+        tensors = {
+            "W_enc": sae.W_enc.detach().float().cpu(),
+            "W_dec": sae.W_dec.detach().float().cpu(),
+            "b_enc": sae.b_enc.detach().float().cpu() / c,
+            "b_dec": sae.b_dec.detach().float().cpu() / c,
+        }
+        if sae.arch != "topk":
+            tensors["threshold"] = sae.threshold.detach().float().cpu() / c
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    architecture = "topk" if sae.arch == "topk" else "jumprelu"
+    cfg: dict[str, Any] = {
+        "architecture": architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+            "hook_name": "blocks.8.hook_mlp_out",
+            "hook_head_index": None,
+            "prepend_bos": True,
+            **meta,
+            "saelab_architecture": sae.arch,
+            "saelab_scale_folded": c,
+        },
+    }
+    if architecture == "topk":
+        cfg["k"] = sae.cfg.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    tmp_w = out_dir / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp_w))
+    tmp_w.replace(out_dir / WEIGHTS_FILE)
+    tmp_c = out_dir / (CFG_FILE + ".tmp")
+    tmp_c.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    tmp_c.replace(out_dir / CFG_FILE)
+    return out_dir
+
+
+def load_sae(path: Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an exported SAE (it takes raw activations: the scale is folded in)."""
+    path = Path(path)
+    if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise SaelabError(f"{path} holds no exported SAE ({CFG_FILE} + {WEIGHTS_FILE}); "
+                          "run the train_sae stage first")
+    cfg = json.loads((path / CFG_FILE).read_text(encoding="utf-8"))
+    arch = cfg.get("architecture")
+    if arch not in ("jumprelu", "topk"):
+        raise SaelabError(f"{path / CFG_FILE}: architecture {arch!r} is not supported; "
+                          "expected jumprelu or topk")
+    sae_cfg = dataclasses.replace(SAECfg(), architecture=arch, d_sae=cfg["d_sae"],
+                                  theta_param="raw", k=int(cfg.get("k", SAECfg.k)))
+    sae = SAE(cfg["d_in"], cfg["d_sae"], sae_cfg)
+    weights = load_file(str(path / WEIGHTS_FILE))
+    state = {k: weights[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    if arch == "jumprelu":
+        state["raw_threshold"] = weights["threshold"]
+    sae.load_state_dict({k: v.float() for k, v in state.items()})
+    return sae.to(device).eval()

@@ -1,0 +1,534 @@
+"""The `fit_scaling_laws` stage: a pilot grid of small SAEs, scaling-law fits, the budget.
+
+Pilots: every d_sae in scaling.d_sae_grid x every lr in scaling.lr_grid, trained by the
+shared trainer with train_sae's recipe (short warm-ups, scaling.n_tokens tokens), all
+from the same seed, so every pilot sees the same batches in the same order and lr is the
+only thing that differs along a curve.
+
+Held-out data: the last sae.eval_tokens vectors of the store. The store keeps corpus
+order, so they come from the last documents extracted (one document may straddle the
+cut); pilots train on shuffled batches of everything before them and never see them.
+
+The loss of the laws is the training objective on that held-out slice, in the
+normalised space the SAE is trained in (E||x||^2 = 1), at the full sparsity coefficient:
+    ||x - x_hat||^2 + lambda L0           (sae.sparsity = l0)
+    ||x - x_hat||^2 + lambda (2/L0*)(L0 - L0*)^2 at the mean L0   (target_l0)
+    ||x - x_hat||^2                       (topk / batchtopk: L0 is fixed by k)
+Reconstruction error alone would reward an lr that merely buys density; the objective
+is what the optimiser is asked to minimise, so its best lr is the one to carry over.
+The squared error is per token, so at E||x||^2 = 1 it is on the scale of the FVU.
+
+Fits (saelab.powerlaw), method `grid`: per size, lr* from a parabola in log lr; the loss
+law on each size's best trained loss; lr*(d_sae) as a power law. Method `two_step`
+(the seed's): the loss law through the two smallest sizes at one lr, lr* of the same two
+sizes, the lr law through them; any further sizes check the prediction.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import paths, plots
+from .budget import write_budget
+from .config import Params, SAECfg, ScalingCfg
+from .errors import SaelabError
+from .powerlaw import Fit, FitError, best_lr_parabola, fit_loss_vs_size, fit_lr_vs_size
+from .runtime import resolve_device
+from .stage import run_stage
+from .tracking import log_artifact, log_metrics, nested_run
+
+log = logging.getLogger(__name__)
+
+PILOTS_CSV = paths.SCALING_DIR / "pilots.csv"
+LOSS_CSV = paths.SCALING_DIR / "loss_vs_size.csv"
+LR_CSV = paths.SCALING_DIR / "lr_star_vs_size.csv"
+LOSS_PNG = paths.SCALING_DIR / "loss_vs_size.png"
+LR_CURVES_PNG = paths.SCALING_DIR / "lr_curves.png"
+LR_STAR_PNG = paths.SCALING_DIR / "lr_star_vs_size.png"
+PILOT_COLUMNS = ["d_sae", "lr", "status", "loss", "mse", "fvu", "l0", "dead_fraction",
+                 "tokens", "tokens_per_s", "seconds", "error"]
+
+
+# --- one pilot -------------------------------------------------------------------------
+
+def pilot_cfg(params: Params, d_sae: int) -> SAECfg:
+    """train_sae's recipe at pilot size, with warm-ups sized for pilot token counts."""
+    s = params.scaling
+    return dataclasses.replace(params.sae, d_sae=d_sae, lr_warmup_steps=s.lr_warmup_steps,
+                               l0_warmup_steps=s.l0_warmup_steps, batch_size=s.batch_size)
+
+
+def pilot_loss(metrics: dict[str, Any], cfg: SAECfg, d_in: int) -> float:
+    """The held-out training objective (module docstring) from the trainer's eval metrics."""
+    sq_err = metrics["mse"] * d_in  # evals report MSE per element; the objective sums over d
+    if cfg.architecture != "jumprelu":
+        return float(sq_err)
+    if cfg.sparsity == "l0":
+        return float(sq_err + cfg.l0_coeff * metrics["l0"])
+    return float(sq_err + cfg.l0_coeff * (2.0 / cfg.target_l0) * (metrics["l0"] - cfg.target_l0) ** 2)
+
+
+def heldout_split(n_tokens: int, eval_tokens: int, batch_size: int) -> int:
+    """Number of leading store vectors pilots may train on; the rest is held out."""
+    n_train = n_tokens - eval_tokens
+    if eval_tokens < 1 or n_train < batch_size:
+        raise SaelabError(
+            f"the store holds {n_tokens} vectors; holding out sae.eval_tokens = {eval_tokens} "
+            f"leaves {n_train} for pilots, fewer than one batch (scaling.batch_size = "
+            f"{batch_size}) or no held-out data; raise extract.n_tokens or lower those")
+    return n_train
+
+
+def train_batches(store, n_train: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches from the first `n_train` vectors (a fresh permutation per
+    epoch, the remainder dropped), normalised like train_sae's."""
+    per_epoch = n_train // batch_size
+    for epoch in count():
+        perm = np.random.default_rng([seed, epoch]).permutation(n_train)
+        for j in range(per_epoch):
+            yield store.gather(np.sort(perm[j * batch_size:(j + 1) * batch_size]))
+
+
+def run_pilot(params: Params, d_sae: int, lr: float, store_dir: str,
+              threads: int | None = None) -> dict[str, Any]:
+    """Train one pilot and evaluate it on the held-out slice. A pilot the trainer stops
+    (NaN/Inf) is a result, not a crash: status `diverged` and a NaN loss."""
+    from .store import ActivationStore
+    from .train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    store = ActivationStore(store_dir)
+    cfg = pilot_cfg(params, d_sae)
+    s = params.scaling
+    n_train = heldout_split(store.n_tokens, params.sae.eval_tokens, s.batch_size)
+    heldout = store.gather(np.arange(n_train, store.n_tokens))
+    row: dict[str, Any] = {"d_sae": d_sae, "lr": lr, "status": "ok", "error": "",
+                           "history": []}
+    t0 = time.perf_counter()
+    try:
+        result = train(cfg, train_batches(store, n_train, s.batch_size, params.run.seed),
+                       d_in=store.d, n_tokens=s.n_tokens, lr=lr,
+                       device=resolve_device(params), seed=params.run.seed,
+                       eval_batches=iter(heldout.split(s.batch_size)),
+                       eval_n_batches=math.ceil(len(heldout) / s.batch_size))
+    except SaelabError as e:
+        row.update(status="diverged", loss=math.nan, error=str(e),
+                   seconds=time.perf_counter() - t0)
+        return row
+    m = result.metrics
+    loss = pilot_loss(m, cfg, store.d)
+    row.update(loss=loss if math.isfinite(loss) else math.nan,
+               status="ok" if math.isfinite(loss) else "diverged",
+               mse=m["mse"], fvu=m["fvu"], l0=m["l0"], dead_fraction=m["dead_fraction"],
+               tokens=m["tokens"], tokens_per_s=m["tokens_per_s"],
+               seconds=time.perf_counter() - t0, history=result.history)
+    return row
+
+
+# --- the grid --------------------------------------------------------------------------
+
+PilotFn = Callable[..., dict[str, Any]]
+
+
+def _log_pilot(row: dict[str, Any], params: Params) -> None:
+    name = f"pilot d_sae={row['d_sae']} lr={row['lr']:.2e}"
+    spec = {"d_sae": row["d_sae"], "lr": row["lr"], "n_tokens": params.scaling.n_tokens,
+            "batch_size": params.scaling.batch_size, "seed": params.run.seed}
+    with nested_run(name, spec, tags={"saelab.pilot": "true", "status": row["status"]}):
+        for h in row.get("history", []):
+            log_metrics({k: v for k, v in h.items() if k != "step"}, step=int(h["step"]))
+        log_metrics({k: row[k] for k in ("loss", "mse", "fvu", "l0", "dead_fraction",
+                                         "tokens_per_s") if k in row})
+
+
+def run_grid(params: Params, store_dir: str | Path = paths.ACTIVATIONS_DIR,
+             pilot_fn: PilotFn = run_pilot) -> list[dict[str, Any]]:
+    """Every (d_sae, lr) pilot, in `scaling.workers` processes; each logged as a nested run
+    (from this process, so all of them land under the stage's run)."""
+    s = params.scaling
+    grid = [(d, lr) for d in sorted(set(s.d_sae_grid)) for lr in sorted(set(s.lr_grid))]
+    workers = min(s.workers, len(grid))
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(grid), desc="pilots", disable=None)
+    if workers <= 1:
+        for d, lr in grid:
+            rows.append(pilot_fn(params, d, lr, str(store_dir)))
+            _log_pilot(rows[-1], params)
+            bar.update()
+    else:
+        # Split the cores between workers; spawn, because forking a process that already
+        # ran torch can deadlock in its thread pools.
+        threads = max(1, (params.run.num_threads or os.cpu_count() or 1) // workers)
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [pool.submit(pilot_fn, params, d, lr, str(store_dir), threads)
+                       for d, lr in grid]
+            for fut in cf.as_completed(futures):
+                rows.append(fut.result())
+                _log_pilot(rows[-1], params)
+                bar.update()
+    bar.close()
+    return sorted(rows, key=lambda r: (r["d_sae"], r["lr"]))
+
+
+# --- fits (pure) -----------------------------------------------------------------------
+
+def _per_size(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """lr curve of each size, its parabola lr* (or why there is none) and its best loss."""
+    out = []
+    for d in sorted({r["d_sae"] for r in rows}):
+        curve = sorted((r for r in rows if r["d_sae"] == d), key=lambda r: r["lr"])
+        lrs = [r["lr"] for r in curve]
+        losses = [r["loss"] for r in curve]
+        finite = [(lo, lr) for lo, lr in zip(losses, lrs) if math.isfinite(lo)]
+        entry: dict[str, Any] = {"d_sae": d, "lrs": lrs, "losses": losses,
+                                 "best_loss": min(finite)[0] if finite else math.nan,
+                                 "best_grid_lr": min(finite)[1] if finite else math.nan}
+        try:
+            entry["lr_star"], entry["parabola"] = best_lr_parabola(lrs, losses)
+        except FitError as e:
+            entry["error"] = str(e)
+        out.append(entry)
+    return out
+
+
+def _sigmas(sizes: list[dict[str, Any]]) -> tuple[list[float] | None, list[float] | None]:
+    """Per-size errors of the best loss (spread of its lr curve around the parabola, which
+    also holds the parabola's misfit: conservative) and of ln lr*; None if any is unknown."""
+    sd = [e["parabola"]["resid_sd"] for e in sizes]
+    se = [e["parabola"]["log10_lr_star_se"] for e in sizes]
+    loss_sigma = None if any(v is None for v in sd) else sd
+    lr_sigma = None if any(v is None for v in se) else [math.log(10) * v for v in se]
+    return loss_sigma, lr_sigma
+
+
+def _require_parabolas(sizes: list[dict[str, Any]]) -> None:
+    bad = [f"d_sae={e['d_sae']}: {e['error']}" for e in sizes if "error" in e]
+    if bad:
+        raise FitError("no best learning rate for " + " | ".join(bad))
+
+
+def _fit_grid(sizes: list[dict[str, Any]], cfg: ScalingCfg, seed: int) -> tuple[Fit, Fit]:
+    _require_parabolas(sizes)
+    loss_sigma, lr_sigma = _sigmas(sizes)
+    d = [e["d_sae"] for e in sizes]
+    loss_fit = fit_loss_vs_size(d, [e["best_loss"] for e in sizes], sigma=loss_sigma,
+                                bootstrap=cfg.bootstrap, seed=seed)
+    lr_fit = fit_lr_vs_size(d, [e["lr_star"] for e in sizes], sigma_log=lr_sigma,
+                            bootstrap=cfg.bootstrap, seed=seed)
+    return loss_fit, lr_fit
+
+
+def _two_step_lr(rows: Sequence[dict[str, Any]], pair: list[int], cfg: ScalingCfg) -> float:
+    """The one lr of the two-step loss law: scaling.two_step_lr, else the grid lr with the
+    lowest summed loss over the two sizes."""
+    table = {(r["d_sae"], r["lr"]): r["loss"] for r in rows}
+    lrs = sorted({r["lr"] for r in rows})
+    if cfg.two_step_lr is not None:
+        match = [lr for lr in lrs if math.isclose(lr, cfg.two_step_lr, rel_tol=1e-9)]
+        if not match:
+            raise FitError(f"scaling.two_step_lr = {cfg.two_step_lr} is not in "
+                           f"scaling.lr_grid {lrs}; add it or set two_step_lr to null")
+        return match[0]
+    sums = {lr: table[(pair[0], lr)] + table[(pair[1], lr)] for lr in lrs}
+    finite = {lr: v for lr, v in sums.items() if math.isfinite(v)}
+    if not finite:
+        raise FitError(f"every lr diverged at d_sae {pair}; lower scaling.lr_grid")
+    return min(finite, key=finite.get)
+
+
+def _fit_two_step(rows, sizes, cfg: ScalingCfg, seed: int) -> tuple[Fit, Fit, float]:
+    if len(sizes) < 2:
+        raise FitError(f"method two_step needs 2 sizes in scaling.d_sae_grid, got "
+                       f"{[e['d_sae'] for e in sizes]}")
+    pair = sizes[:2]
+    _require_parabolas(pair)
+    d = [e["d_sae"] for e in pair]
+    lr0 = _two_step_lr(rows, d, cfg)
+    table = {(r["d_sae"], r["lr"]): r["loss"] for r in rows}
+    loss_fit = fit_loss_vs_size(d, [table[(n, lr0)] for n in d], bootstrap=cfg.bootstrap,
+                                seed=seed)
+    lr_fit = fit_lr_vs_size(d, [e["lr_star"] for e in pair], bootstrap=cfg.bootstrap, seed=seed)
+    return loss_fit, lr_fit, lr0
+
+
+def _check(loss_fit: Fit, lr_fit: Fit | None, d: int, trained_loss: float,
+           trained_lr_star: float | None) -> dict[str, Any]:
+    """Prediction at a size the fit did not see against what was trained there."""
+    pred = loss_fit.predict(d)
+    ci = loss_fit.predict_ci(d)
+    out = {"d_sae": d, "predicted_loss": pred, "predicted_loss_ci": ci,
+           "trained_loss": trained_loss, "gap": pred - trained_loss,
+           "rel_gap": (pred - trained_loss) / trained_loss,
+           "trained_within_ci": None if ci is None else bool(ci[0] <= trained_loss <= ci[1])}
+    if lr_fit is not None and trained_lr_star is not None:
+        out["predicted_lr_star"] = lr_fit.predict(d)
+        out["trained_lr_star"] = trained_lr_star
+        out["lr_star_ratio"] = out["predicted_lr_star"] / trained_lr_star
+    return out
+
+
+def _holdout_grid(sizes: list[dict[str, Any]], cfg: ScalingCfg, seed: int) -> dict[str, Any]:
+    if not cfg.holdout_largest:
+        return {"status": "off"}
+    if len(sizes) < 3:
+        return {"status": "skipped", "reason": f"holding out one of {len(sizes)} sizes leaves "
+                "fewer than 2 to fit; add sizes to scaling.d_sae_grid"}
+    try:
+        loss_fit, lr_fit = _fit_grid(sizes[:-1], cfg, seed)
+    except FitError as e:
+        return {"status": "degenerate", "reason": str(e)}
+    last = sizes[-1]
+    return {"status": "ok", "fit_sizes": [e["d_sae"] for e in sizes[:-1]],
+            "loss_fit": loss_fit.to_dict(), "lr_fit": lr_fit.to_dict(),
+            **_check(loss_fit, lr_fit, last["d_sae"], last["best_loss"], last["lr_star"])}
+
+
+def _holdout_two_step(rows, sizes, loss_fit: Fit, lr_fit: Fit, lr0: float) -> dict[str, Any]:
+    rest = sizes[2:]
+    if not rest:
+        return {"status": "skipped", "reason": "no size beyond the two fitted ones"}
+    table = {(r["d_sae"], r["lr"]): r["loss"] for r in rows}
+    checks = [_check(loss_fit, lr_fit, e["d_sae"], table[(e["d_sae"], lr0)], e.get("lr_star"))
+              for e in rest]
+    return {"status": "ok", "lr": lr0, "checks": checks}
+
+
+def _curve(fit: Fit, lo: float, hi: float, n: int = 60) -> list[dict[str, float]]:
+    out = []
+    for d in np.geomspace(lo, hi, n):
+        ci = fit.predict_ci(d)
+        out.append({"d_sae": float(d), "value": fit.predict(d),
+                    "lo": ci[0] if ci else math.nan, "hi": ci[1] if ci else math.nan})
+    return out
+
+
+def _fallback_lr(sizes: list[dict[str, Any]]) -> tuple[float, int] | None:
+    for e in reversed(sizes):
+        if math.isfinite(e["best_grid_lr"]):
+            return e["best_grid_lr"], e["d_sae"]
+    return None
+
+
+def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n_tokens: int,
+               real_d_sae: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Everything fit.json says, from the pilot table alone (no training, no I/O).
+
+    `d_sae` is the size to recommend an lr for (train_sae's), `real_d_sae` another size to
+    extrapolate to (the budget's), `n_tokens` the token budget passed through. A fit the
+    data cannot support gives `status: degenerate` with the reason; the recommended lr
+    then falls back to the best pilot's, and `recommended.source` says so.
+    """
+    sizes = _per_size(rows)
+    result: dict[str, Any] = {
+        "method": cfg.method,
+        "loss_definition": "held-out training objective (squared error per token in the "
+                           "normalised space + sparsity penalty at the final coefficient)",
+        "pilot_tokens": cfg.n_tokens,
+        "per_size": sizes,
+    }
+    targets = {"train_sae": d_sae, **({"budget": real_d_sae} if real_d_sae else {})}
+    try:
+        if cfg.method == "grid":
+            loss_fit, lr_fit = _fit_grid(sizes, cfg, seed)
+            holdout = _holdout_grid(sizes, cfg, seed)
+        else:
+            loss_fit, lr_fit, lr0 = _fit_two_step(rows, sizes, cfg, seed)
+            result["two_step_lr"] = lr0
+            holdout = _holdout_two_step(rows, sizes, loss_fit, lr_fit, lr0)
+    except FitError as e:
+        fb = _fallback_lr(sizes)
+        result.update(status="degenerate", reason=str(e), holdout={"status": "skipped"})
+        result["recommended"] = {
+            "lr": fb[0] if fb else None, "d_sae": d_sae, "n_tokens": n_tokens,
+            "lr_source": "fallback_best_pilot" if fb else "none",
+            "source": (f"FALLBACK, not a fit: the best pilot lr at d_sae={fb[1]} (the largest "
+                       f"pilot size with a finite loss), not extrapolated to d_sae={d_sae}, "
+                       f"because the fit is degenerate: {e}" if fb else
+                       f"no lr: every pilot failed and the fit is degenerate: {e}")
+                      + "; n_tokens: compute budget (reports/budget.json)",
+        }
+        return result
+
+    result.update(status="ok", reason="", loss_fit=loss_fit.to_dict(), lr_fit=lr_fit.to_dict(),
+                  holdout=holdout)
+    d_fit = loss_fit.x
+    result["extrapolation"] = {
+        name: {"d_sae": n, "beyond_largest_pilot": n / max(d_fit),
+               "loss": loss_fit.predict(n), "loss_ci": loss_fit.predict_ci(n),
+               "loss_note": f"at the pilots' {cfg.n_tokens} tokens, not the token budget",
+               "lr": lr_fit.predict(n), "lr_ci": lr_fit.predict_ci(n)}
+        for name, n in targets.items()}
+    result["recommended"] = {
+        "lr": lr_fit.predict(d_sae), "d_sae": d_sae, "n_tokens": n_tokens, "lr_source": "fit",
+        "source": f"lr: power law lr*(d_sae) from the pilot grid (method {cfg.method}) "
+                  f"evaluated at d_sae={d_sae}; n_tokens: compute budget (reports/budget.json)",
+    }
+    top = max(max(d_fit), *targets.values())
+    lo = min(d_fit) / 1.5
+    result["curves"] = {"loss": _curve(loss_fit, lo, top * 1.5),
+                        "lr": _curve(lr_fit, lo, top * 1.5)}
+    return result
+
+
+# --- outputs ---------------------------------------------------------------------------
+
+def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
+    fig, ax = plots.new_figure("Held-out loss against SAE size", "d_sae", "loss",
+                               logx=True, logy=True)
+    ok = [r for r in rows if math.isfinite(r["loss"])]
+    ax.scatter([r["d_sae"] for r in ok], [r["loss"] for r in ok], s=12, color="0.7",
+               label="pilots (all lrs)")
+    best = [e for e in result["per_size"] if math.isfinite(e["best_loss"])]
+    ax.scatter([e["d_sae"] for e in best], [e["best_loss"] for e in best], color="C0",
+               zorder=3, label="best lr per size")
+    if result["status"] == "ok":
+        c = result["curves"]["loss"]
+        ax.plot([p["d_sae"] for p in c], [p["value"] for p in c], color="C1",
+                label="fit " + result["loss_fit"]["law"])
+        if all(math.isfinite(p["lo"]) for p in c):
+            ax.fill_between([p["d_sae"] for p in c], [p["lo"] for p in c], [p["hi"] for p in c],
+                            color="C1", alpha=0.2, label="95% bootstrap band")
+        for name, t in result["extrapolation"].items():
+            err = None if t["loss_ci"] is None else [[t["loss"] - t["loss_ci"][0]],
+                                                     [t["loss_ci"][1] - t["loss"]]]
+            ax.errorbar([t["d_sae"]], [t["loss"]], yerr=err, fmt="*", ms=10, capsize=3,
+                        label=f"extrapolated ({name}, d_sae={t['d_sae']})")
+        h = result["holdout"]
+        if h.get("status") == "ok" and "predicted_loss" in h:
+            ax.scatter([h["d_sae"]], [h["predicted_loss"]], marker="x", color="C3", zorder=4,
+                       label=f"held-out size predicted (gap {h['rel_gap']:+.1%})")
+    else:
+        ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
+    ax.legend(fontsize=7)
+    plots.save(fig, path)
+
+
+def _plot_lr_curves(result: dict[str, Any], path: Path) -> None:
+    fig, ax = plots.new_figure("Held-out loss against learning rate", "learning rate", "loss",
+                               logx=True)
+    for i, e in enumerate(result["per_size"]):
+        color = f"C{i % 10}"
+        ax.plot(e["lrs"], e["losses"], "o", color=color, label=f"d_sae={e['d_sae']}")
+        if "parabola" in e:
+            p2, p1, p0 = e["parabola"]["coef"]
+            x = np.linspace(math.log10(min(e["lrs"])), math.log10(max(e["lrs"])), 100)
+            ax.plot(10 ** x, p2 * x ** 2 + p1 * x + p0, "-", color=color, alpha=0.6)
+            ax.axvline(e["lr_star"], color=color, ls=":", alpha=0.8)
+    ax.legend(fontsize=7)
+    plots.save(fig, path)
+
+
+def _plot_lr_star(result: dict[str, Any], path: Path) -> None:
+    fig, ax = plots.new_figure("Best learning rate against SAE size", "d_sae", "lr*",
+                               logx=True, logy=True)
+    found = [e for e in result["per_size"] if "lr_star" in e]
+    ax.scatter([e["d_sae"] for e in found], [e["lr_star"] for e in found], color="C0",
+               zorder=3, label="lr* (parabola)")
+    if result["status"] == "ok":
+        c = result["curves"]["lr"]
+        ax.plot([p["d_sae"] for p in c], [p["value"] for p in c], color="C1",
+                label="fit " + result["lr_fit"]["law"])
+        if all(math.isfinite(p["lo"]) for p in c):
+            ax.fill_between([p["d_sae"] for p in c], [p["lo"] for p in c], [p["hi"] for p in c],
+                            color="C1", alpha=0.2, label="95% bootstrap band")
+        for name, t in result["extrapolation"].items():
+            ax.scatter([t["d_sae"]], [t["lr"]], marker="*", s=100, zorder=4,
+                       label=f"extrapolated ({name}): {t['lr']:.2e}")
+    else:
+        ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
+    ax.legend(fontsize=7)
+    plots.save(fig, path)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> null (strict JSON, which DVC and browsers parse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_outputs(result: dict[str, Any], rows: Sequence[dict[str, Any]],
+                  out_dir: Path = paths.SCALING_DIR) -> dict[str, Path]:
+    """fit.json, the CSV tables behind the plots (DVC plots) and the PNGs."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = [{k: r.get(k, "") for k in PILOT_COLUMNS} for r in rows]
+    written = {"pilots_csv": plots.write_csv(out_dir / PILOTS_CSV.name, table, PILOT_COLUMNS)}
+    if result["status"] == "ok":
+        for key, name, col in (("loss", LOSS_CSV.name, "loss"), ("lr", LR_CSV.name, "lr")):
+            pts = [{"d_sae": p["d_sae"], col: p["value"], "lo": p["lo"], "hi": p["hi"]}
+                   for p in result["curves"][key]]
+            written[f"{key}_csv"] = plots.write_csv(out_dir / name, pts)
+    _plot_loss(result, rows, out_dir / LOSS_PNG.name)
+    _plot_lr_curves(result, out_dir / LR_CURVES_PNG.name)
+    _plot_lr_star(result, out_dir / LR_STAR_PNG.name)
+    written.update(loss_png=out_dir / LOSS_PNG.name, lr_curves_png=out_dir / LR_CURVES_PNG.name,
+                   lr_star_png=out_dir / LR_STAR_PNG.name)
+    report = {k: v for k, v in result.items() if k != "curves"}
+    report["pilots"] = table
+    fit_json = out_dir / paths.FIT_JSON.name
+    fit_json.write_text(json.dumps(_json_safe(report), indent=2) + "\n", encoding="utf-8")
+    written["fit_json"] = fit_json
+    return written
+
+
+def _summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"degenerate": int(result["status"] != "ok")}
+    rec = result["recommended"]
+    if rec["lr"] is not None:
+        out["recommended_lr"] = rec["lr"]
+    if result["status"] == "ok":
+        out.update({f"loss_fit_{k}": v for k, v in result["loss_fit"]["coef"].items()})
+        out.update({f"lr_fit_{k}": v for k, v in result["lr_fit"]["coef"].items()})
+        for key in ("loss_fit", "lr_fit"):
+            if result[key]["r2"] is not None:
+                out[f"{key}_r2"] = result[key]["r2"]
+        for name, t in result["extrapolation"].items():
+            out[f"predicted_loss_{name}"] = t["loss"]
+        h = result["holdout"]
+        if "rel_gap" in h:
+            out["holdout_rel_gap"] = h["rel_gap"]
+    return out
+
+
+def _run(params: Params) -> None:
+    from .store import ActivationStore
+
+    budget = write_budget(params)
+    ActivationStore(paths.ACTIVATIONS_DIR)  # a missing or unfinished store fails here, once
+    rows = run_grid(params)
+    result = fit_pilots(rows, params.scaling, d_sae=params.sae.d_sae,
+                        n_tokens=int(budget["tokens"]), real_d_sae=params.budget.d_sae,
+                        seed=params.run.seed)
+    written = write_outputs(result, rows)
+    log_metrics(_summary_metrics(result))
+    for p in (*written.values(), paths.BUDGET_JSON, paths.BUDGET_MD):
+        log_artifact(p, "scaling")
+    rec = result["recommended"]
+    if result["status"] != "ok":
+        log.warning("scaling fit degenerate: %s", result["reason"])
+    log.info("recommended lr %s for d_sae=%d (%s)", rec["lr"], rec["d_sae"], rec["source"])
+
+
+def main() -> None:
+    run_stage("fit_scaling_laws", _run)

@@ -1,0 +1,540 @@
+"""The activation store (DESIGN §5): on-disk layout, a resumable writer and the reader.
+
+Layout of a finished store (`data/activations/`)::
+
+    manifest.json               what, how, statistics, sha256 of every file
+    rows.npy                    uint32 [n_rows, context_len]  packed token rows (BOS first)
+    shard-NNNNN.acts.npy        [n, d] float32, or bfloat16 stored as a uint16 view
+    shard-NNNNN.tokens.npy      uint32 [n]       token id of each stored vector
+    shard-NNNNN.index.npy       int64 [n, 2]     (row in rows.npy, position in the row)
+    shard-NNNNN.norms.npy       float32 [n]      L2 norm of each stored vector
+
+Every shard holds exactly `shard_tokens` vectors except the last, so the total is exactly
+`n_tokens`. Files are written sequentially under a `.tmp` name (hashing as they go) and
+renamed when complete. While extraction runs, `manifest.partial.json` lists the finished
+shards plus, per shard, its rows (`shard-NNNNN.rows.npy`, concatenated into rows.npy at the
+end) and the forward batch to restart from, so a killed run continues after its last
+complete shard and ends with the same bytes as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from itertools import count
+from pathlib import Path
+from typing import Any, Collection, Iterator
+
+import numpy as np
+import torch
+
+from . import paths
+from .errors import SaelabError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "saelab-activations/1"
+MANIFEST = "manifest.json"
+PARTIAL = "manifest.partial.json"
+ROWS = "rows.npy"
+# numpy dtype of each per-token file; activations depend on the store dtype.
+TOKEN_FILES = {"tokens": np.dtype(np.uint32), "index": np.dtype(np.int64),
+               "norms": np.dtype(np.float32)}
+# store dtype -> (numpy storage dtype, torch dtype); bf16 has no numpy dtype, so its bits
+# are stored as uint16 and the manifest records the real dtype.
+STORE_DTYPES = {"float32": (np.dtype(np.float32), torch.float32),
+                "bfloat16": (np.dtype(np.uint16), torch.bfloat16)}
+PERCENTILES = (0.0, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.9, 100.0)
+_STORE_FILE = re.compile(r"^(shard-\d{5}\.\w+\.npy|rows\.npy|manifest(\.partial)?\.json)(\.tmp)?$")
+_CHUNK = 16 << 20
+
+
+def shard_name(k: int, kind: str) -> str:
+    return f"shard-{k:05d}.{kind}.npy"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                               "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+class NpyStream:
+    """A .npy file of known shape written front to back under `.tmp`, hashed on the way."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._left = int(np.prod(shape))
+        self._hash = hashlib.sha256()
+        self._f = open(self.tmp, "wb")
+        self._put(_npy_header(self.dtype, shape))
+
+    def _put(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)  # hashlib and file writes release the GIL on big buffers
+
+    def write(self, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        if arr.size > self._left:
+            raise ValueError(f"{self.path.name}: {arr.size} values exceed the declared shape")
+        self._left -= arr.size
+        self._put(arr)
+
+    def close(self) -> dict[str, Any]:
+        """Rename to the final name; return the manifest entry of the file."""
+        if self._left:
+            raise ValueError(f"{self.path.name}: {self._left} values missing")
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return {"file": self.path.name, "sha256": self._hash.hexdigest(),
+                "bytes": self.path.stat().st_size}
+
+    def discard(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def estimate_bytes(n_tokens: int, d: int, dtype: str, context_len: int) -> int:
+    """Disk space a store needs: vectors, per-token files, and rows (twice, at the end)."""
+    per_token = d * STORE_DTYPES[dtype][0].itemsize + sum(t.itemsize for t in TOKEN_FILES.values())
+    rows = 2 * 4 * context_len * -(-n_tokens // max(1, context_len - 2))
+    return n_tokens * per_token + rows
+
+
+def check_disk(out_dir: Path, needed: int) -> None:
+    """Refuse to start when the file system holding `out_dir` lacks `needed` bytes."""
+    probe = Path(out_dir).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise SaelabError(
+            f"the activation store needs about {needed / 1e9:.2f} GB ({needed} bytes) in "
+            f"{out_dir} but only {free / 1e9:.2f} GB ({free} bytes) are free; free space or "
+            "lower extract.n_tokens (or use extract.store_dtype = bfloat16)")
+
+
+def _remove_store_files(out_dir: Path, keep: Collection[str] = ()) -> None:
+    """Delete what a store (or an unfinished one) consists of, except `keep`."""
+    for p in out_dir.iterdir():
+        if p.is_file() and _STORE_FILE.match(p.name) and p.name not in keep:
+            p.unlink()
+
+
+class StoreWriter:
+    """Assembles fixed-size shards from forward batches; resumes a matching partial store.
+
+    `add` receives, per forward batch in order, the rows that were forwarded and the
+    vectors kept from them. Forward batches are the unit of restart: each shard records the
+    first row of the batch holding its last vector and how many of that batch's vectors it
+    has taken, so a resumed run recomputes that exact batch (same composition, same bits)
+    and drops what earlier shards already hold.
+    """
+
+    def __init__(self, out_dir: Path, *, fingerprint: str, d: int, dtype: str, n_tokens: int,
+                 shard_tokens: int, context_len: int):
+        self.out_dir = Path(out_dir)
+        self.np_dtype = STORE_DTYPES[dtype][0]
+        self.header = {"format": FORMAT, "fingerprint": fingerprint, "d": d, "dtype": dtype,
+                       "n_tokens": n_tokens, "shard_tokens": shard_tokens,
+                       "context_len": context_len}
+        self.num_shards = -(-n_tokens // shard_tokens)
+        self.shards: list[dict[str, Any]] = []
+        self.complete: dict[str, Any] | None = None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._resume()
+        self._streams: dict[str, NpyStream] = {}
+        self._filled = 0
+        self._pending: list[tuple[int, np.ndarray]] = []  # forwarded rows not yet in a shard
+        self._rows_lo = self.shards[-1]["rows"][1] if self.shards else 0
+        self._skip = self.resume_skip
+
+    # --- resume ------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        done = self.out_dir / MANIFEST
+        partial = self.out_dir / PARTIAL
+        if done.is_file():
+            manifest = _read_json(done)
+            if manifest and manifest.get("fingerprint") == self.header["fingerprint"] and \
+                    not ActivationStore(self.out_dir).verify():
+                self.complete = manifest
+                return
+            log.info("existing store in %s was made with other inputs (or is damaged): "
+                     "starting over", self.out_dir)
+        elif partial.is_file():
+            state = _read_json(partial)
+            if state and {k: state.get(k) for k in self.header} == self.header:
+                self.shards = self._sound_prefix(state["shards"])
+                log.info("resuming %s after %d complete shard(s) of %d", self.out_dir,
+                         len(self.shards), self.num_shards)
+            else:
+                log.info("unfinished store in %s was made with other inputs: starting over",
+                         self.out_dir)
+        keep = [e["file"] for s in self.shards for e in s["files"].values()]
+        _remove_store_files(self.out_dir, keep=keep)
+        if self.shards:
+            self._save_partial()
+
+    def _sound_prefix(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, shard in enumerate(shards):
+            for entry in shard["files"].values():
+                path = self.out_dir / entry["file"]
+                if not path.is_file() or sha256_file(path) != entry["sha256"]:
+                    log.warning("shard %d is damaged (%s): recomputing from there", i,
+                                entry["file"])
+                    return shards[:i]
+        return shards
+
+    def _save_partial(self) -> None:
+        _write_json(self.out_dir / PARTIAL, {**self.header, "shards": self.shards})
+
+    @property
+    def resume_row(self) -> int:
+        """First row the producer must forward (earlier rows are already stored)."""
+        return self.shards[-1]["resume"][0] if self.shards else 0
+
+    @property
+    def resume_skip(self) -> int:
+        """Vectors of the first forwarded batch that earlier shards already hold."""
+        return self.shards[-1]["resume"][1] if self.shards else 0
+
+    @property
+    def tokens_done(self) -> int:
+        return sum(s["n"] for s in self.shards)
+
+    @property
+    def done(self) -> bool:
+        return len(self.shards) == self.num_shards
+
+    # --- writing -----------------------------------------------------------------------
+
+    def _shard_size(self, k: int) -> int:
+        return min(self.header["shard_tokens"], self.header["n_tokens"] - k * self.header["shard_tokens"])
+
+    def _open_shard(self) -> None:
+        k, n = len(self.shards), self._shard_size(len(self.shards))
+        self._streams = {"acts": NpyStream(self.out_dir / shard_name(k, "acts"), self.np_dtype,
+                                           (n, self.header["d"]))}
+        for kind, dtype in TOKEN_FILES.items():
+            shape = (n, 2) if kind == "index" else (n,)
+            self._streams[kind] = NpyStream(self.out_dir / shard_name(k, kind), dtype, shape)
+
+    def add(self, first_row: int, rows: np.ndarray, acts: np.ndarray, token_ids: np.ndarray,
+            index: np.ndarray, norms: np.ndarray) -> None:
+        """Take one forward batch: `rows` [b, ctx] starting at global row `first_row`, and the
+        vectors kept from it (`acts` in the store's numpy dtype, in batch order)."""
+        if self.done:
+            return
+        self._pending.append((first_row, rows))
+        pos, n = self._skip, len(token_ids)
+        self._skip = 0
+        while pos < n and not self.done:
+            if not self._streams:
+                self._open_shard()
+            take = min(n - pos, self._shard_size(len(self.shards)) - self._filled)
+            part = slice(pos, pos + take)
+            for kind, arr in (("acts", acts), ("tokens", token_ids), ("index", index),
+                              ("norms", norms)):
+                self._streams[kind].write(arr[part])
+            self._filled += take
+            pos += take
+            if self._filled == self._shard_size(len(self.shards)):
+                self._close_shard(first_row, pos, int(index[pos - 1, 0]) + 1)
+
+    def _close_shard(self, first_row: int, taken: int, rows_hi: int) -> None:
+        k = len(self.shards)
+        files = {kind: s.close() for kind, s in self._streams.items()}
+        part = self._rows(self._rows_lo, rows_hi)
+        rows_stream = NpyStream(self.out_dir / shard_name(k, "rows"), np.uint32, part.shape)
+        rows_stream.write(part)
+        files["rows"] = rows_stream.close()
+        self.shards.append({"id": k, "n": self._filled, "rows": [self._rows_lo, rows_hi],
+                            "resume": [first_row, taken], "files": files})
+        self._save_partial()
+        self._streams, self._filled, self._rows_lo = {}, 0, rows_hi
+        self._pending = [(r, b) for r, b in self._pending if r + len(b) > rows_hi]
+
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
+        parts = [b[max(lo - r, 0):hi - r] for r, b in self._pending if r < hi and r + len(b) > lo]
+        out = np.concatenate(parts) if parts else np.zeros((0, self.header["context_len"]), np.uint32)
+        if len(out) != hi - lo:
+            raise RuntimeError(f"rows {lo}..{hi} were not all forwarded")
+        return out
+
+    def abort(self) -> None:
+        """Drop the shard being written; finished shards stay for the next run."""
+        for s in self._streams.values():
+            s.discard()
+        self._streams = {}
+
+    # --- finishing ---------------------------------------------------------------------
+
+    def finalize(self, meta: dict[str, Any], *, vocab_size: int, special_ids: Collection[int],
+                 bos_id: int, eos_id: int) -> dict[str, Any]:
+        """Write rows.npy and manifest.json; return the manifest. `meta` adds the extractor's
+        fields (model, revision, layer, hook, tokens/s, ...)."""
+        if not self.done:
+            raise RuntimeError(f"{len(self.shards)} of {self.num_shards} shards written")
+        ctx = self.header["context_len"]
+        parts = [self.out_dir / s["files"]["rows"]["file"] for s in self.shards]
+        n_rows = self.shards[-1]["rows"][1]
+        stream = NpyStream(self.out_dir / ROWS, np.uint32, (n_rows, ctx))
+        for p in parts:
+            stream.write(np.load(p, mmap_mode="r"))
+        rows_entry = stream.close()
+        rows = np.load(self.out_dir / ROWS, mmap_mode="r")
+        shards = [{"id": s["id"], "n": s["n"],
+                   "files": {k: v for k, v in s["files"].items() if k != "rows"}}
+                  for s in self.shards]
+        manifest = {
+            "format": FORMAT, "complete": True, **meta,
+            "dtype": self.header["dtype"], "d": self.header["d"],
+            "n_tokens": self.header["n_tokens"], "context_len": ctx, "n_rows": n_rows,
+            "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
+            **self._statistics(rows, special_ids, bos_id, eos_id),
+            "fingerprint": self.header["fingerprint"],
+            "shard_tokens": self.header["shard_tokens"],
+            "rows": rows_entry, "shards": shards,
+        }
+        _write_json(self.out_dir / MANIFEST, manifest)
+        for p in parts:
+            p.unlink()
+        (self.out_dir / PARTIAL).unlink(missing_ok=True)
+        self.complete = manifest
+        return manifest
+
+    def _statistics(self, rows: np.ndarray, special_ids: Collection[int], bos_id: int,
+                    eos_id: int) -> dict[str, Any]:
+        ctx = self.header["context_len"]
+        norms, sums, counts = [], np.zeros(ctx), np.zeros(ctx)
+        last_pos = 0
+        for s in self.shards:
+            nm = np.load(self.out_dir / s["files"]["norms"]["file"]).astype(np.float64)
+            pos = np.load(self.out_dir / s["files"]["index"]["file"], mmap_mode="r")[:, 1]
+            sums += np.bincount(pos, weights=nm, minlength=ctx)
+            counts += np.bincount(pos, minlength=ctx)
+            norms.append(nm)
+            last_pos = int(pos[-1])
+        norms = np.concatenate(norms)
+        mean_sq = float(np.mean(norms ** 2))
+        # Exclusions are read off the rows up to the last stored vector: a fact of the store,
+        # identical however many times the run was interrupted.
+        seen = rows.reshape(-1)[: rows.size - (ctx - 1 - last_pos)]
+        is_special = np.isin(seen, np.fromiter(special_ids, np.int64))
+        n_special = int(is_special.sum())
+        n_bos, n_eos = int((seen == bos_id).sum()), int((seen == eos_id).sum())
+        per_pos = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return {
+            "scale": 1.0 / float(np.sqrt(mean_sq)),
+            "norm": {
+                "mean": float(norms.mean()), "rms": float(np.sqrt(mean_sq)),
+                "percentiles": {f"p{q:g}": float(v)
+                                for q, v in zip(PERCENTILES, np.percentile(norms, PERCENTILES))},
+                "per_position_mean": [None if np.isnan(v) else round(float(v), 6)
+                                      for v in per_pos],
+            },
+            "excluded": {"bos": n_bos, "eos": n_eos, "other_special": n_special - n_bos - n_eos,
+                         "outlier": int(seen.size - n_special - self.header["n_tokens"])},
+        }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class ActivationStore:
+    """Read side of the store: memory-mapped shards, shuffled float32 batches, verification."""
+
+    def __init__(self, path: Path | str = paths.ACTIVATIONS_DIR):
+        self.path = Path(path)
+        manifest = _read_json(self.path / MANIFEST)
+        if manifest is None or not manifest.get("complete"):
+            why = ("is incomplete (extraction was interrupted)" if (self.path / PARTIAL).exists()
+                   else "is missing" if not self.path.exists() else "has no valid manifest.json")
+            raise SaelabError(f"the activation store {self.path} {why}; "
+                              "run `dvc repro extract_mlp8`")
+        self.manifest: dict[str, Any] = manifest
+        self.d: int = manifest["d"]
+        self.n_tokens: int = manifest["n_tokens"]
+        self.dtype: str = manifest["dtype"]
+        self.scale: float = manifest["scale"]
+        self.context_len: int = manifest["context_len"]
+        self.num_shards: int = len(manifest["shards"])
+        sizes = np.array([s["n"] for s in manifest["shards"]], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._maps: dict[str, np.ndarray] = {}
+
+    # --- raw access --------------------------------------------------------------------
+
+    def _load(self, name: str) -> np.ndarray:
+        if name not in self._maps:
+            path = self.path / name
+            if not path.is_file():
+                raise SaelabError(f"{path} is missing from the activation store; "
+                                  "run `dvc repro extract_mlp8` (or `dvc pull`)")
+            self._maps[name] = np.load(path, mmap_mode="r")
+        return self._maps[name]
+
+    def _file(self, i: int, kind: str) -> str:
+        return self.manifest["shards"][i]["files"][kind]["file"]
+
+    def activations(self, i: int) -> np.ndarray:
+        """Shard `i`'s vectors as stored (memmap; bf16 appears as its uint16 bits)."""
+        return self._load(self._file(i, "acts"))
+
+    def activations_f32(self, i: int) -> torch.Tensor:
+        """Shard `i`'s vectors as float32 (a copy, not normalised)."""
+        return self._to_f32(np.array(self.activations(i)))
+
+    def token_ids(self, i: int) -> np.ndarray:
+        return self._load(self._file(i, "tokens"))
+
+    def index(self, i: int) -> np.ndarray:
+        return self._load(self._file(i, "index"))
+
+    def norms(self, i: int) -> np.ndarray:
+        return self._load(self._file(i, "norms"))
+
+    def rows(self) -> np.ndarray:
+        """All packed token rows [n_rows, context_len] (memmap); index()[:, 0] points here."""
+        return self._load(self.manifest["rows"]["file"])
+
+    def _to_f32(self, raw: np.ndarray) -> torch.Tensor:
+        """Stored values (an in-memory array, not a read-only memmap) as float32."""
+        t = torch.from_numpy(raw)
+        if self.dtype == "bfloat16":
+            t = t.view(torch.bfloat16)
+        return t.float()
+
+    def gather(self, ids: np.ndarray, *, normalise: bool = True) -> torch.Tensor:
+        """Vectors with global ids `ids` (sorted ascending), float32 [len(ids), d]."""
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        pieces = []
+        for k in np.unique(shard_of):
+            local = ids[shard_of == k] - self._starts[k]
+            pieces.append(self.activations(int(k))[local])
+        out = self._to_f32(np.concatenate(pieces) if pieces else
+                           np.zeros((0, self.d), STORE_DTYPES[self.dtype][0]))
+        return out.mul_(self.scale) if normalise else out
+
+    # --- training access ---------------------------------------------------------------
+
+    def iter_batches(self, batch_size: int, *, seed: int, start_batch: int = 0,
+                     normalise: bool = True, rank: int = 0, world_size: int = 1,
+                     ) -> Iterator[torch.Tensor]:
+        """Endless shuffled batches of float32 [batch_size // world_size, d].
+
+        Batch k is a pure function of (seed, k): epoch e = k // batches_per_epoch draws its
+        own permutation of all tokens, the remainder of an epoch is dropped. So starting at
+        `start_batch` reproduces an uninterrupted run, and rank r of `world_size` takes the
+        r-th slice of every global batch (disjoint, together the whole batch).
+        """
+        if batch_size > self.n_tokens:
+            raise SaelabError(f"batch size {batch_size} exceeds the {self.n_tokens} tokens in "
+                              f"{self.path}; raise extract.n_tokens or lower the batch size")
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise SaelabError(f"batch size {batch_size} must split evenly over {world_size} "
+                              f"ranks (rank {rank})")
+        per_epoch = self.n_tokens // batch_size
+        per_rank = batch_size // world_size
+        epoch, perm = -1, None
+        for k in count(start_batch):
+            e, j = divmod(k, per_epoch)
+            if e != epoch:
+                epoch, perm = e, np.random.default_rng([seed, e]).permutation(self.n_tokens)
+            lo = j * batch_size + rank * per_rank
+            yield self.gather(np.sort(perm[lo:lo + per_rank]), normalise=normalise)
+
+    def sample(self, n: int, *, seed: int, normalise: bool = True) -> torch.Tensor:
+        """`n` distinct random vectors, float32 [n, d] (in store order)."""
+        n = min(n, self.n_tokens)
+        ids = np.random.default_rng(seed).choice(self.n_tokens, size=n, replace=False)
+        return self.gather(np.sort(ids), normalise=normalise)
+
+    # --- integrity ---------------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Check every file against the manifest (sha256, shape, dtype) and the contents
+        (finite vectors, token ids below the vocabulary, index within rows). Returns the
+        problems found; an empty list means the store is sound."""
+        problems: list[str] = []
+        m = self.manifest
+        n_rows, ctx = m["n_rows"], self.context_len
+        rows = self._check_file(m["rows"], np.dtype(np.uint32), (n_rows, ctx), problems)
+        if rows is not None and rows.size and int(rows.max()) >= m["vocab_size"]:
+            problems.append(f"{ROWS}: token id {int(rows.max())} >= vocab {m['vocab_size']}")
+        total = 0
+        for i, s in enumerate(m["shards"]):
+            n, files = s["n"], s["files"]
+            total += n
+            acts = self._check_file(files["acts"], STORE_DTYPES[self.dtype][0], (n, self.d),
+                                    problems)
+            arrs = {kind: self._check_file(files[kind], dtype, (n, 2) if kind == "index" else (n,),
+                                           problems)
+                    for kind, dtype in TOKEN_FILES.items()}
+            if acts is not None:
+                for lo in range(0, n, 65536):
+                    if not torch.isfinite(self._to_f32(np.array(acts[lo:lo + 65536]))).all():
+                        problems.append(f"{files['acts']['file']}: NaN or Inf values")
+                        break
+            tok, idx = arrs["tokens"], arrs["index"]
+            if tok is not None and n and int(tok.max()) >= m["vocab_size"]:
+                problems.append(f"{files['tokens']['file']}: token id {int(tok.max())} >= "
+                                f"vocab {m['vocab_size']}")
+            if idx is not None and n:
+                if idx[:, 0].min() < 0 or idx[:, 0].max() >= n_rows or idx[:, 1].min() < 0 \
+                        or idx[:, 1].max() >= ctx:
+                    problems.append(f"{files['index']['file']}: (row, position) out of range")
+                elif tok is not None and rows is not None and \
+                        not np.array_equal(rows[idx[:, 0], idx[:, 1]], tok):
+                    problems.append(f"{files['tokens']['file']}: ids differ from rows.npy at "
+                                    "their index")
+        if total != self.n_tokens:
+            problems.append(f"shards hold {total} vectors, manifest says n_tokens = {self.n_tokens}")
+        return problems
+
+    def _check_file(self, entry: dict[str, Any], dtype: np.dtype, shape: tuple[int, ...],
+                    problems: list[str]) -> np.ndarray | None:
+        """Problems of one file; its contents (memmap) when they can be read."""
+        path = self.path / entry["file"]
+        if not path.is_file():
+            problems.append(f"{entry['file']}: missing")
+            return None
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{entry['file']}: {size} bytes, manifest says {entry['bytes']}")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['file']}: sha256 differs from the manifest")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            problems.append(f"{entry['file']}: unreadable ({e})")
+            return None
+        if arr.dtype != dtype or arr.shape != shape:
+            problems.append(f"{entry['file']}: {arr.dtype} {arr.shape}, expected {dtype} {shape}")
+            return None
+        return arr

@@ -1,0 +1,603 @@
+"""SAE training (Gemma Scope's recipe, DESIGN §6) and the `train_sae` stage.
+
+One step: loss = ||x - x_hat||^2 + lambda * sparsity (+ AuxK for TopK/BatchTopK), backward,
+decoder-gradient projection, gradient-norm clip, Adam, decoder renormalisation.
+fp32 master weights; bf16 autocast for the matmuls on CUDA only; theta stays fp32; no
+GradScaler. Under torchrun each rank takes batch_size / world_size rows of every global
+batch and DistributedDataParallel averages the gradients.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint
+from .config import SAECfg
+from .errors import SaelabError
+from .evals import reconstruction_metrics
+from .sae import SAE, auxk_decode, step
+from .schedules import l0_factor, lr_factor
+
+log = logging.getLogger(__name__)
+
+# A source of local batches: an iterator, or a function of the first batch index to read
+# (lets a resumed run seek instead of reading and discarding what it already trained on).
+Batches = Union[Iterator[torch.Tensor], Callable[[int], Iterator[torch.Tensor]]]
+THETA_QUANTILES = (0.1, 0.5, 0.9)
+# Fields that do not change the trajectory: a checkpoint stays valid when they change.
+_NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_tokens", "stream", "shuffle_buffer")
+
+
+@dataclass
+class TrainResult:
+    sae: SAE
+    metrics: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class _Objective(nn.Module):
+    """The training loss as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, sae: SAE):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, lam: float, dead: torch.Tensor | None, n_dead: int):
+        sae, cfg = self.sae, self.sae.cfg
+        z = sae.pre_acts(x)
+        f = sae.activate(z)
+        x_hat = sae.decode(f)
+        resid = x - x_hat.float()
+        recon = resid.pow(2).sum(-1).mean()
+        loss = recon
+        if sae.arch == "jumprelu":
+            # L0 through the step function's STE: its gradient reaches theta only.
+            l0_each = step(z, sae.threshold, cfg.bandwidth).float().sum(-1)
+            if cfg.sparsity == "l0":
+                loss = loss + lam * l0_each.mean()
+            else:
+                loss = loss + lam * (2.0 / cfg.target_l0) * (l0_each - cfg.target_l0).pow(2).mean()
+        elif n_dead > 0:
+            # AuxK (Gao et al. 2024): dead latents reconstruct the residual; normalised by
+            # the batch's variance, scaled down while fewer latents are dead than aux_k.
+            e_hat = auxk_decode(sae, z, dead, min(cfg.aux_k, n_dead)).float()
+            aux = (e_hat - resid.detach()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+            loss = loss + cfg.aux_coeff * min(n_dead / cfg.aux_k, 1.0) * aux
+        return loss, recon.detach(), f.detach()
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _fingerprint(cfg: SAECfg, **extra) -> str:
+    spec = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    return checkpoint.fingerprint({**spec, **extra})
+
+
+def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
+          device: torch.device | str, seed: int, checkpoint_dir: Path | None = None,
+          log_fn: Callable[[int, dict], None] | None = None,
+          eval_batches: Iterator[torch.Tensor] | None = None,
+          eval_n_batches: int | None = None, data_fingerprint: str = "") -> TrainResult:
+    """Train an SAE on already-normalised activations; see the module docstring.
+
+    `batches` yields this rank's [batch_size / world_size, d_in] slice of each global batch.
+    Steps = n_tokens // batch_size. With `checkpoint_dir`, state is saved every
+    `cfg.checkpoint_every` steps and a matching checkpoint found there is resumed.
+    `eval_batches` (held-out, same space) give the final reconstruction metrics; without
+    them the last logging window of training does.
+    """
+    device = torch.device(device)
+    rank, world = _dist()
+    if cfg.batch_size % world:
+        raise SaelabError(f"sae.batch_size = {cfg.batch_size} is not divisible by the "
+                          f"{world} processes; pick a multiple of {world}")
+    local_bs = cfg.batch_size // world
+    total_steps = n_tokens // cfg.batch_size
+    if total_steps < 1:
+        raise SaelabError(f"{n_tokens} tokens make no step of sae.batch_size = "
+                          f"{cfg.batch_size}; raise sae.n_tokens or lower sae.batch_size")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise SaelabError(f"learning rate must be a positive number, got {lr}")
+    if cfg.architecture != "jumprelu" and cfg.k > cfg.d_sae:
+        raise SaelabError(f"sae.k = {cfg.k} exceeds sae.d_sae = {cfg.d_sae}")
+
+    torch.manual_seed(seed)
+    sae = SAE(d_in, cfg.d_sae, cfg).to(device)
+    objective: nn.Module = _Objective(sae)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                           eps=cfg.adam_eps)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=cfg.autocast_bf16 and device.type == "cuda")
+
+    # Running state, all of it checkpointed so a resumed run is bit-identical.
+    st: dict[str, Any] = {
+        "step": 0,
+        "since_fired": torch.zeros(cfg.d_sae, dtype=torch.float64, device=device),
+        "dead": torch.zeros(cfg.d_sae, dtype=torch.bool, device=device),
+        "n_dead": 0,
+        "win_counts": torch.zeros(cfg.d_sae, dtype=torch.float64, device=device),
+        "win": torch.zeros(5, dtype=torch.float64, device=device),  # loss recon l0 var steps
+        "first_bad": torch.full((), -1, dtype=torch.long, device=device),
+        "history": [],
+        "tokens_seen": 0,
+    }
+    fp = _fingerprint(cfg, d_in=d_in, n_tokens=n_tokens, lr=lr, seed=seed, world=world,
+                      data=data_fingerprint)
+    ckpt = checkpoint.load(checkpoint_dir, fp) if rank == 0 else None
+    if world > 1:
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    if ckpt is not None:
+        sae.load_state_dict(ckpt["sae"])
+        opt.load_state_dict(ckpt["optimizer"])
+        for k, v in ckpt["state"].items():
+            st[k] = v.to(device) if isinstance(v, torch.Tensor) else v
+        checkpoint.set_rng_state(ckpt["rng"])
+        log.info("resumed from step %d of %d (%s)", st["step"], total_steps, checkpoint_dir)
+
+    start = st["step"]
+    if callable(batches):
+        data = batches(start)
+    else:
+        data = itertools.islice(batches, start, None)
+    params = [p for p in sae.parameters()]
+    raw_theta = cfg.architecture == "jumprelu" and cfg.theta_param == "raw"
+    use_aux = cfg.architecture != "jumprelu" and cfg.aux_k > 0
+    lam = 0.0
+    gnorm = torch.zeros((), device=device)
+
+    def save_checkpoint() -> None:
+        if checkpoint_dir is None or rank != 0:
+            return
+        checkpoint.save(checkpoint_dir, {
+            "fingerprint": fp, "sae": sae.state_dict(), "optimizer": opt.state_dict(),
+            "state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                      for k, v in st.items()},
+            "rng": checkpoint.rng_state(),
+        })
+
+    def check_finite() -> None:
+        bad = int(st["first_bad"])
+        if bad >= 0:
+            where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
+            raise SaelabError(
+                f"the loss or gradient became NaN/Inf at step {bad + 1} of {total_steps}"
+                f"{where}. Lower the learning rate (sae.lr) or keep sae.clip_grad_norm on, "
+                f"and check the activations for Inf/NaN")
+
+    def close_window(s: int) -> None:
+        """End of a logging window: global firing stats, dead mask, history row."""
+        if world > 1:
+            dist.all_reduce(st["win_counts"])
+            dist.all_reduce(st["win"])
+            st["win"] /= world
+        w = st["win"].tolist()
+        n_steps = max(w[4], 1.0)
+        tokens = n_steps * cfg.batch_size
+        fired = st["win_counts"] > 0
+        st["since_fired"] = torch.where(fired, 0.0, st["since_fired"] + tokens)
+        st["dead"] = st["since_fired"] >= cfg.dead_tokens
+        st["n_dead"] = int(st["dead"].sum())
+        dead_window = min(cfg.dead_tokens, st["tokens_seen"])
+        density = st["win_counts"] / tokens
+        row = {
+            "step": s, "tokens": st["tokens_seen"],
+            "loss": w[0] / n_steps, "mse": w[1] / n_steps / d_in, "l0": w[2] / n_steps,
+            "fvu": w[1] / w[3] if w[3] > 0 else math.nan,
+            "lr": opt.param_groups[0]["lr"], "lambda": lam,
+            "grad_norm": float(gnorm),
+            "dead_fraction": float((st["since_fired"] >= dead_window).double().mean()),
+            "frac_active_gt_1pct": float((density > 0.01).double().mean()),
+            "frac_active_gt_10pct": float((density > 0.1).double().mean()),
+        }
+        st["history"].append(row)
+        st["last_window"] = row
+        st["win_counts"].zero_()
+        st["win"].zero_()
+        if log_fn is not None and rank == 0:
+            log_fn(s, row)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start, unit="step", desc="train_sae",
+               disable=None if rank == 0 else True)
+    t0 = time.perf_counter()
+    steps_run = 0
+    for s in range(start, total_steps):
+        try:
+            x = next(data)
+        except StopIteration:
+            raise SaelabError(f"the activation source ran out at step {s} of {total_steps}; "
+                              "it must supply n_tokens // batch_size batches") from None
+        if x.shape != (local_bs, d_in):
+            raise SaelabError(f"batch of shape {tuple(x.shape)}; expected ({local_bs}, {d_in})")
+        x = x.to(device, torch.float32, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(s, total_steps, cfg)
+        lam = cfg.l0_coeff * l0_factor(s, cfg)
+
+        with autocast:
+            loss, recon, f = objective(x, lam, st["dead"], st["n_dead"] if use_aux else 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad()
+        if cfg.clip_grad_norm > 0:
+            gnorm = nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+        opt.step()
+        with torch.no_grad():
+            sae.normalise_decoder()
+            if raw_theta:
+                # Keep theta >= 0 by projection (a clamp in the graph would kill its gradient).
+                sae.raw_threshold.clamp_(min=0.0)
+            if cfg.architecture == "batchtopk":
+                sae.update_batch_threshold(f)
+                if world > 1:
+                    dist.all_reduce(sae.batch_threshold)
+                    sae.batch_threshold /= world
+            fired = f > 0
+            ok = torch.isfinite(loss) & torch.isfinite(gnorm)
+            st["first_bad"] = torch.where(ok | (st["first_bad"] >= 0), st["first_bad"],
+                                          torch.full_like(st["first_bad"], s))
+            st["win_counts"] += fired.sum(0)
+            st["win"] += torch.stack([loss.detach().double(), recon.double(),
+                                      fired.sum(-1).double().mean(),
+                                      (x - x.mean(0)).pow(2).sum(-1).mean().double(),
+                                      torch.ones((), dtype=torch.float64, device=device)])
+        st["step"] = s + 1
+        st["tokens_seen"] += cfg.batch_size
+        steps_run += 1
+        bar.update()
+        last = s + 1 == total_steps
+        if (s + 1) % cfg.log_every == 0 or last:
+            check_finite()
+            close_window(s + 1)
+        if checkpoint_dir is not None and ((s + 1) % cfg.checkpoint_every == 0 or last):
+            check_finite()
+            save_checkpoint()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    check_finite()
+
+    sae.eval()
+    last_row = st.get("last_window") or (st["history"][-1] if st["history"] else {})
+    metrics: dict[str, Any] = {
+        "steps": total_steps, "tokens": total_steps * cfg.batch_size,
+        "tokens_per_s": steps_run * cfg.batch_size / elapsed if steps_run and elapsed > 0
+        else math.nan,
+        "final_loss": last_row.get("loss", math.nan),
+        "dead_fraction": last_row.get("dead_fraction", math.nan),
+    }
+    if eval_batches is not None:
+        n_eval = eval_n_batches or max(1, cfg.eval_tokens // local_bs)
+        metrics.update(reconstruction_metrics(sae, eval_batches, n_eval))
+    else:
+        metrics.update({k: last_row.get(k, math.nan) for k in
+                        ("mse", "fvu", "l0", "frac_active_gt_1pct", "frac_active_gt_10pct")})
+    if cfg.architecture != "topk":
+        theta = sae.threshold.detach().float().cpu()
+        for q in THETA_QUANTILES:
+            metrics[f"theta_q{int(q * 100)}"] = float(theta.quantile(q))
+    return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]))
+
+
+# --- streaming: activations straight from the model, shuffled in memory ----------------
+
+def shuffled_batches(chunks: Iterator[torch.Tensor], *, capacity: int, batch_size: int,
+                     seed: int, scale: float) -> Iterator[torch.Tensor]:
+    """Float32 batches of `scale * x` from a stream of [n, d] chunks, shuffled in memory.
+
+    Fill a buffer of `capacity` vectors, emit it as random batches (fill c is permuted by
+    rng([seed, c]) and each batch's ids are sorted, as the store does), keep the remainder
+    and refill. When the buffer holds the whole stream this is exactly the store's epoch-0
+    order, so the same activations train the same SAE either way. Nothing touches the disk.
+    """
+    chunks = iter(chunks)
+    leftover: torch.Tensor | None = None
+    for fill in itertools.count():
+        parts = [] if leftover is None else [leftover]
+        n = 0 if leftover is None else len(leftover)
+        while n < capacity:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            parts.append(chunk)
+            n += len(chunk)
+        if n < batch_size:
+            return
+        data = torch.cat(parts)
+        del parts
+        perm = torch.from_numpy(np.random.default_rng([seed, fill]).permutation(n))
+        n_full = n // batch_size
+        for j in range(n_full):
+            ids = perm[j * batch_size:(j + 1) * batch_size].sort().values.to(data.device)
+            yield data.index_select(0, ids).float().mul_(scale)
+        leftover = data.index_select(0, perm[n_full * batch_size:].to(data.device))
+
+
+# --- the train_sae stage ---------------------------------------------------------------
+
+_TL_HOOK_NAMES = {"mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post",
+                  "mlp_act": "mlp.hook_post", "mlp_in": "ln2.hook_normalized"}
+CURVES_CSV = "curves.csv"
+CURVE_COLUMNS = ("step", "loss", "mse", "l0", "fvu", "lr", "lambda")
+
+
+def resolve_lr(cfg: SAECfg, fit_json: Path) -> tuple[float, str]:
+    """sae.lr if set, else fit_scaling_laws's recommendation; and where it came from."""
+    if cfg.lr is not None:
+        return cfg.lr, "params.sae.lr"
+    rec = (_read_json(fit_json) or {}).get("recommended") or {}
+    lr = rec.get("lr")
+    if lr is None or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise SaelabError(f"sae.lr is null and {fit_json} has no usable recommended.lr; run "
+                          "`dvc repro fit_scaling_laws` or set sae.lr in conf/config.yaml")
+    return float(lr), f"{fit_json} ({rec.get('lr_source', 'fit')})"
+
+
+def resolve_tokens(cfg: SAECfg, budget_json: Path) -> tuple[int, str]:
+    """sae.n_tokens if set, else the compute budget's token count; and where it came from."""
+    if cfg.n_tokens is not None:
+        return cfg.n_tokens, "params.sae.n_tokens"
+    tokens = (_read_json(budget_json) or {}).get("tokens")
+    if not isinstance(tokens, (int, float)) or tokens < 1:
+        raise SaelabError(f"sae.n_tokens is null and {budget_json} has no token budget; run "
+                          "`dvc repro fit_scaling_laws` or set sae.n_tokens")
+    return int(tokens), str(budget_json)
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group (nccl on GPUs, gloo on CPUs); (rank, world)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _dist()
+
+
+def write_curves(history: list[dict], path: Path) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(CURVE_COLUMNS)
+        for row in history:
+            w.writerow([row[c] for c in CURVE_COLUMNS])
+
+
+def _run(params) -> None:
+    import shutil
+
+    import mlflow
+
+    from . import paths
+    from .runtime import compute_dtype, resolve_device, seed_everything
+    from .store import ActivationStore
+    from .tracking import log_metrics
+
+    cfg, seed = params.sae, params.run.seed
+    device = resolve_device(params)
+    rank, world = _init_distributed(device)
+    seed_everything(seed)
+    lr, lr_source = resolve_lr(cfg, paths.FIT_JSON)
+    n_tokens, tokens_source = resolve_tokens(cfg, paths.BUDGET_JSON)
+    store = ActivationStore(paths.ACTIVATIONS_DIR) if (
+        not cfg.stream or (paths.ACTIVATIONS_DIR / "manifest.json").is_file()) else None
+
+    have_model = (paths.MODEL_DIR / "config.json").is_file()
+    model = tokenizer = None
+    if have_model:
+        from .base_model import load_model
+
+        model, tokenizer = load_model(paths.MODEL_DIR, device=device,
+                                      dtype=compute_dtype(params, device),
+                                      attn_implementation=params.extract.attn_implementation)
+    elif cfg.stream:
+        raise SaelabError(f"sae.stream is true but there is no model in {paths.MODEL_DIR}; "
+                          "run `dvc repro fetch_model`")
+
+    if cfg.stream:
+        d_in, scale, data_fp, make_batches = _stream_source(params, model, tokenizer, store,
+                                                            device, rank, world)
+        source = "stream"
+    else:
+        d_in, scale, data_fp = store.d, store.scale, store.manifest["fingerprint"]
+
+        def make_batches(start: int) -> Iterator[torch.Tensor]:
+            return store.iter_batches(cfg.batch_size, seed=seed, start_batch=start, rank=rank,
+                                      world_size=world)
+        source = "store"
+
+    heldout_rows = _heldout_rows(params, tokenizer) if have_model else []
+    eval_batches = _eval_batches(params, model, store, heldout_rows, scale, device)
+    if rank == 0 and mlflow.active_run():
+        mlflow.log_params({"train.lr": lr, "train.n_tokens": n_tokens, "train.d_in": d_in,
+                           "train.world_size": world, "train.data_source": source})
+        mlflow.set_tags({"train.lr_source": lr_source, "train.n_tokens_source": tokens_source})
+    log.info("training %s SAE d_in=%d d_sae=%d on %d tokens (%s) with lr %.3g (%s), %d "
+             "process(es), data from the %s", cfg.architecture, d_in, cfg.d_sae, n_tokens,
+             tokens_source, lr, lr_source, world, source)
+
+    ckpt_dir = paths.CHECKPOINT_DIR / "train_sae"
+    result = train(cfg, make_batches, d_in=d_in, n_tokens=n_tokens, lr=lr, device=device,
+                   seed=seed, checkpoint_dir=ckpt_dir,
+                   log_fn=lambda step, row: log_metrics({"train": row}, step=step),
+                   eval_batches=eval_batches, data_fingerprint=data_fp)
+    try:
+        if rank == 0:
+            _report(params, result, lr=lr, lr_source=lr_source, n_tokens=n_tokens,
+                    tokens_source=tokens_source, source=source, scale=scale, d_in=d_in,
+                    world=world, model=model, heldout_rows=heldout_rows, device=device)
+            # Complete and exported: a later run with the same params starts clean.
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    finally:
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_source, source,
+            scale, d_in, world, model, heldout_rows, device) -> None:
+    """Rank 0: LM metrics, export, metrics.json, curves.csv, MLflow."""
+    import json
+    import shutil
+
+    from . import paths
+    from .sae import export_sae
+    from .tracking import log_artifact, log_metrics
+
+    cfg, ex, seed = params.sae, params.extract, params.run.seed
+    info = _read_json(paths.MODEL_JSON) or {}
+    hook_name = f"blocks.{ex.layer}.{_TL_HOOK_NAMES[ex.hook]}"
+    metrics = dict(result.metrics)
+    if model is not None and heldout_rows:
+        from .evals import lm_metrics
+        metrics.update(lm_metrics(model, result.sae, _row_batches(heldout_rows, 8),
+                                  layer=ex.layer, hook=ex.hook, scale=scale, device=device))
+    if paths.SAE_DIR.exists():
+        shutil.rmtree(paths.SAE_DIR)
+    export_sae(result.sae, paths.SAE_DIR, scale=scale, meta={
+        "model_name": info.get("name", params.model.name),
+        "model_revision": info.get("revision"), "hook_name": hook_name,
+        "layer": ex.layer, "hook": ex.hook, "context_size": ex.context_len,
+        "dataset_path": str(paths.CORPUS_DIR), "normalisation_scale": scale,
+        "lr": lr, "lr_source": lr_source, "n_tokens": n_tokens, "n_tokens_source": tokens_source,
+        "training_tokens": metrics["tokens"], "seed": seed, "data_source": source,
+        "sae_config": dataclasses.asdict(cfg)})
+    report = {**metrics, "lr": lr, "n_tokens": n_tokens, "d_in": d_in, "d_sae": cfg.d_sae,
+              "architecture": cfg.architecture, "world_size": world,
+              "sources": {"lr": lr_source, "n_tokens": tokens_source, "data": source,
+                          "eval": "heldout documents" if model is not None and heldout_rows
+                          else "store sample"}}
+    paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
+    paths.TRAIN_METRICS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_curves(result.history, paths.TRAIN_DIR / CURVES_CSV)
+    log_metrics({"final": metrics})
+    for p in (paths.TRAIN_METRICS, paths.TRAIN_DIR / CURVES_CSV):
+        log_artifact(p, "train")
+    log_artifact(paths.SAE_DIR, "sae")
+    log.info("SAE exported to %s: FVU %.4f, L0 %.2f, dead %.3f, %.0f tokens/s", paths.SAE_DIR,
+             metrics["fvu"], metrics["l0"], metrics["dead_fraction"], metrics["tokens_per_s"])
+
+
+def _heldout_rows(params, tokenizer) -> list[np.ndarray]:
+    """Held-out token rows at the training context (BOS first), about sae.eval_tokens tokens."""
+    from . import paths
+    from .corpus import iter_documents
+    from .extract import token_rows
+
+    if not (paths.CORPUS_DIR / "manifest.json").is_file() or params.sae.eval_tokens == 0:
+        return []
+    texts = (text for _, text in iter_documents(paths.CORPUS_DIR, split="heldout"))
+    n_rows = -(-params.sae.eval_tokens // params.extract.context_len)
+    return list(itertools.islice(token_rows(tokenizer, texts, params.extract.context_len), n_rows))
+
+
+def _row_batches(rows: list[np.ndarray], n: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(rows), n):
+        yield torch.from_numpy(np.stack(rows[i:i + n]).astype(np.int64))
+
+
+def _eval_batches(params, model, store, rows, scale: float, device) -> Iterator[torch.Tensor] | None:
+    """Normalised held-out activations: from held-out documents through the model, or, with
+    no model or held-out text, a sample of the store (tokens the SAE may have trained on)."""
+    from .extract import stream_activations
+
+    ex, n = params.extract, params.sae.eval_tokens
+    if n == 0:
+        return None
+    if model is not None and rows:
+        acts = [b.acts for b in stream_activations(model, rows, layer=ex.layer, hook=ex.hook,
+                                                   batch_tokens=ex.batch_tokens, device=device)]
+        x = torch.cat(acts)[:n].float() * scale
+    elif store is not None:
+        x = store.sample(n, seed=params.run.seed + 1)
+    else:
+        return None
+    return iter(x.split(params.sae.batch_size))
+
+
+def _stream_source(params, model, tokenizer, store, device, rank: int, world: int):
+    """(d_in, scale, data fingerprint, batches factory) for training straight from the model."""
+    from . import paths
+    from .corpus import iter_documents
+    from .extract import stream_activations, token_rows
+    from .hooks import hook_dim
+
+    cfg, ex, seed = params.sae, params.extract, params.run.seed
+    d_in = hook_dim(model.config, ex.hook)
+
+    def rows(my_share: bool) -> Iterator[np.ndarray]:
+        texts = (text for _, text in iter_documents(paths.CORPUS_DIR, split="train"))
+        it = token_rows(tokenizer, texts, ex.context_len)
+        return itertools.islice(it, rank, None, world) if my_share else it
+
+    def acts(my_share: bool) -> Iterator[torch.Tensor]:
+        for b in stream_activations(model, rows(my_share), layer=ex.layer, hook=ex.hook,
+                                    batch_tokens=ex.batch_tokens, device=device):
+            yield b.acts
+
+    same_site = store is not None and (store.manifest.get("layer"), store.manifest.get("hook")) \
+        == (ex.layer, ex.hook)
+    if same_site:
+        scale = store.scale
+    else:  # E||x||^2 over the first ~64k streamed vectors (the same on every rank)
+        sq, n = 0.0, 0
+        for a in acts(False):
+            sq += float(a.float().pow(2).sum())
+            n += len(a)
+            if n >= 65_536:
+                break
+        if n == 0:
+            raise SaelabError("the corpus yields no tokens to stream; run `dvc repro fetch_oscar`")
+        scale = 1.0 / math.sqrt(sq / n)
+    data_fp = checkpoint.fingerprint({"stream": True, "corpus": _read_json(
+        paths.CORPUS_DIR / "manifest.json"), "model": _read_json(paths.MODEL_JSON),
+        "extract": dataclasses.asdict(ex), "scale": scale})
+
+    def make_batches(start: int) -> Iterator[torch.Tensor]:
+        # Resuming regenerates (and drops) the batches already trained on: no disk involved.
+        stream = shuffled_batches(acts(True), capacity=cfg.shuffle_buffer,
+                                  batch_size=cfg.batch_size // world, seed=seed, scale=scale)
+        return itertools.islice(stream, start, None)
+
+    return d_in, scale, data_fp, make_batches
+
+
+def main() -> None:
+    from .stage import run_stage
+
+    run_stage("train_sae", _run)

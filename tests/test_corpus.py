@@ -1,0 +1,251 @@
+"""fetch_oscar: streaming sources, cleaning counts, held-out split, budget, clear errors."""
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from saelab import corpus
+from saelab.config import parse_params
+from saelab.corpus import fetch_corpus, is_heldout, iter_documents
+from saelab.errors import SaelabError
+
+
+def _params(**data):
+    return parse_params({"data": data})
+
+
+def _local(tmp_path, pattern="in/*", **data):
+    return _params(source="local", local_files=str(tmp_path / pattern), **data)
+
+
+def _write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+
+
+def _docs(n, length=200, prefix="doc"):
+    return [{"id": f"{prefix}{i}", "text": f"{prefix} {i} " + "palabra " * (length // 8)}
+            for i in range(n)]
+
+
+def _all(out, split):
+    return list(iter_documents(out, split))
+
+
+def test_broken_input_is_counted_not_crashed(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a_empty.jsonl").write_bytes(b"")
+    (src / "b_blank.jsonl").write_bytes(b"  \n\n\t\n")
+    good = _docs(5)
+    big = "x" * (5 * 1024 * 1024)  # one 5 MB document
+    _write_jsonl(src / "c_mixed.jsonl", good + [
+        {"id": "ws1", "text": "   "}, {"id": "ws2", "text": "\n\t \n"},
+        {"id": "empty", "text": ""}, {"id": "notext"},
+        {"id": "dup", "text": good[0]["text"]},
+        {"id": "big", "text": big},
+    ])
+    # A line carrying raw bytes that are not UTF-8, between two good lines.
+    with open(src / "d_bytes.jsonl", "wb") as f:
+        f.write(b'{"id": "ok1", "text": "buenos d\xc3\xadas"}\n')
+        f.write(b'{"id": "bad", "text": "ma\xff\xfe\xc3al"}\n')
+        f.write(b'{"id": "ok2", "text": "hasta ma\xc3\xb1ana"}\n')
+    out = tmp_path / "corpus"
+    m = fetch_corpus(_local(tmp_path, max_doc_chars=10_000, heldout_fraction=0.0), out)
+
+    assert m["empty_files"] == 2
+    assert m["dropped"] == {"not_text": 1, "invalid_utf8": 1, "empty": 1, "whitespace_only": 2,
+                            "duplicate": 1}
+    assert m["cut"] == {"docs": 1, "chars_removed": len(big) - 10_000, "max_doc_chars": 10_000}
+    assert m["records_read"] == 5 + 6 + 3
+    docs = dict(_all(out, "train"))
+    assert set(docs) == {d["id"] for d in good} | {"big", "ok1", "ok2"}
+    assert len(docs["big"]) == 10_000 and docs["ok2"] == "hasta mañana"
+    assert m["docs"] == {"train": 8, "heldout": 0}
+    assert m["chars"]["train"] == sum(len(t) for t in docs.values())
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-00000.parquet"]
+
+
+def test_invalid_json_gives_a_clear_error_naming_the_file(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "broken.jsonl").write_text('{"text": "hola"}\n{"text": "sin cerrar\n', encoding="utf-8")
+    with pytest.raises(SaelabError, match=r"broken\.jsonl cannot be read as json.*fix or remove"):
+        fetch_corpus(_local(tmp_path), tmp_path / "corpus")
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_heldout_split_is_deterministic_disjoint_and_order_free(tmp_path):
+    docs = _docs(120)
+    _write_jsonl(tmp_path / "in" / "a.jsonl", docs)
+    params = _local(tmp_path, heldout_fraction=0.25, shard_docs=16)
+    m1 = fetch_corpus(params, tmp_path / "c1")
+    shuffled = docs[:]
+    random.Random(0).shuffle(shuffled)
+    _write_jsonl(tmp_path / "in" / "a.jsonl", shuffled)
+    m2 = fetch_corpus(params, tmp_path / "c2")
+
+    train = {i for i, _ in _all(tmp_path / "c1", "train")}
+    held = {i for i, _ in _all(tmp_path / "c1", "heldout")}
+    assert train.isdisjoint(held) and train | held == {d["id"] for d in docs}
+    assert held == set(m1["heldout"]["doc_ids"])
+    assert held == {d["id"] for d in docs if is_heldout(d["id"], 0.25)}
+    assert 10 < len(held) < 50
+    assert set(m2["heldout"]["doc_ids"]) == held  # membership depends on the id, not the order
+    assert len(m1["shards"]["train"]) == -(-len(train) // 16)
+    # Reading back is deterministic and in written order.
+    assert _all(tmp_path / "c1", "train") == _all(tmp_path / "c1", "train")
+    assert [i for i, _ in _all(tmp_path / "c1", "train")] == [
+        d["id"] for d in docs if d["id"] in train]
+
+
+def test_token_budget_and_max_docs_stop_reading_early(tmp_path):
+    _write_jsonl(tmp_path / "in" / "a.jsonl", _docs(200, length=1000))
+    m = fetch_corpus(_local(tmp_path, token_budget=10_000, chars_per_token=4.0), tmp_path / "c")
+    total_chars = sum(m["chars"].values())
+    assert m["stopped_by"] == "token_budget"
+    assert 40_000 <= total_chars < 40_000 + 1100
+    assert m["records_read"] == sum(m["docs"].values()) < 200
+    m = fetch_corpus(_local(tmp_path, max_docs=7), tmp_path / "c")
+    assert (m["stopped_by"], sum(m["docs"].values()), m["records_read"]) == ("max_docs", 7, 7)
+
+
+def test_parquet_local_source(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    docs = _docs(30)
+    pq.write_table(pa.table({"text": [d["text"] for d in docs]}), src / "a.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), src / "b.parquet")
+    m = fetch_corpus(_local(tmp_path, heldout_fraction=0.0), tmp_path / "c")
+    assert m["docs"]["train"] == 30 and m["empty_files"] == 1
+    # Without an id column, the id is the file and row.
+    assert _all(tmp_path / "c", "train")[3] == ("a.parquet:3", docs[3]["text"])
+
+
+def test_corrupt_parquet_gives_a_clear_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(SaelabError, match=r"x\.parquet is not a readable parquet file"):
+        fetch_corpus(_local(tmp_path), tmp_path / "c")
+
+
+def test_empty_corpus_names_source_and_fix(tmp_path):
+    _write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": " "}, {"text": ""}])
+    with pytest.raises(SaelabError, match=r"data.source = local: no training documents.*"
+                                          r"whitespace_only.*data.local_files"):
+        fetch_corpus(_local(tmp_path), tmp_path / "c")
+    with pytest.raises(SaelabError, match="matches no files"):
+        fetch_corpus(_local(tmp_path, pattern="nothing/*.jsonl"), tmp_path / "c")
+
+
+def test_shipped_sample_first_records(tmp_path, repo_root):
+    lines = (repo_root / "data/sample/spanish_novels_cligs.jsonl").read_text(
+        encoding="utf-8").splitlines()[:50]
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    m = fetch_corpus(_params(source="sample", sample_path=str(sample)), tmp_path / "c")
+    ids = [json.loads(x)["id"] for x in lines]
+    assert m["source"] == "sample" and m["records_read"] == 50
+    assert sum(m["docs"].values()) == 50 and sum(m["dropped"].values()) == 0
+    got = [i for i, _ in _all(tmp_path / "c", "train")] + m["heldout"]["doc_ids"]
+    assert sorted(got) == sorted(ids) and got[0] == "ne0174-0000"
+    assert m["tokens_estimate"]["train"] == round(m["chars"]["train"] / 3.3)
+
+
+def test_iter_documents_without_corpus_says_which_stage(tmp_path):
+    with pytest.raises(SaelabError, match="dvc repro fetch_oscar"):
+        next(iter_documents(tmp_path))
+
+
+class _FakeHub:
+    """Records what the Hub routes ask `datasets` for; serves records from memory."""
+
+    def __init__(self, monkeypatch, records):
+        import datasets
+        import huggingface_hub
+
+        self.calls = []
+        test = self
+
+        class Info:
+            sha = "a" * 40
+
+        def dataset_info(self_api, repo, revision=None, token=None):
+            test.calls.append(("dataset_info", repo, revision, token))
+            return Info()
+
+        def load_dataset(path, **kwargs):
+            test.calls.append(("load_dataset", path, kwargs))
+            return iter(records)
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+        monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_oscar_route_streams_the_parquet_export(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    hub = _FakeHub(monkeypatch, [{"id": i, "text": d["text"]} for i, d in enumerate(_docs(20))])
+    m = fetch_corpus(_params(source="oscar", max_docs=10), tmp_path / "c")
+    _, repo, revision, token = hub.calls[0]
+    assert (repo, revision) == ("oscar-corpus/oscar", "refs/convert/parquet")
+    assert token == "hf_test_token"
+    _, path, kwargs = hub.calls[1]
+    assert path == "oscar-corpus/oscar"
+    assert kwargs == {"revision": "a" * 40, "split": "train", "streaming": True,
+                      "token": "hf_test_token",
+                      "data_files": "unshuffled_deduplicated_es/partial-train/*.parquet"}
+    assert (m["repo"], m["revision"], m["revision_sha"]) == (
+        "oscar-corpus/oscar", "refs/convert/parquet", "a" * 40)
+    assert sum(m["docs"].values()) == 10 and m["stopped_by"] == "max_docs"
+    assert "hf_test_token" not in (tmp_path / "c" / "manifest.json").read_text()
+
+
+def test_fineweb2_route_uses_the_language_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    hub = _FakeHub(monkeypatch, [{"id": f"<urn:{i}>", "text": d["text"]}
+                                 for i, d in enumerate(_docs(5))])
+    m = fetch_corpus(_params(source="fineweb2"), tmp_path / "c")
+    _, path, kwargs = hub.calls[1]
+    assert path == "HuggingFaceFW/fineweb-2" and kwargs["name"] == "spa_Latn"
+    assert kwargs["streaming"] is True and kwargs["token"] is None
+    assert m["config"] == "spa_Latn" and sum(m["docs"].values()) == 5
+
+
+def test_oscar_without_token_fails_before_any_request(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    hub = _FakeHub(monkeypatch, [])
+    with pytest.raises(SaelabError, match=r"HF_TOKEN is not set.*oscar-corpus/oscar"):
+        fetch_corpus(_params(source="oscar"), tmp_path / "c")
+    assert hub.calls == [] and not (tmp_path / "c").exists()
+
+
+def test_gated_dataset_error_is_one_clear_line(tmp_path, monkeypatch):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+
+    def gated(*args, **kwargs):
+        url = "https://huggingface.co/api/datasets/oscar-corpus/oscar"
+        raise GatedRepoError("gated", response=httpx2.Response(
+            403, request=httpx2.Request("GET", url)))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", gated)
+    with pytest.raises(SaelabError, match=r"oscar-corpus/oscar is gated.*accept its terms"):
+        fetch_corpus(_params(source="oscar"), tmp_path / "c")
+
+
+def test_manifest_counts_are_logged_as_metrics(tmp_path, monkeypatch):
+    logged = {}
+    monkeypatch.setattr("saelab.tracking.log_metrics", lambda m, step=None: logged.update(m))
+    monkeypatch.setattr("saelab.tracking.log_artifact", lambda *a, **k: None)
+    monkeypatch.setattr(corpus.paths, "CORPUS_DIR", tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    _write_jsonl(tmp_path / "in" / "a.jsonl", _docs(4) + [{"text": ""}])
+    corpus._run(_local(tmp_path))
+    assert logged["corpus"]["dropped"]["empty"] == 1
+    assert sum(logged["corpus"]["docs"].values()) == 4

@@ -1,0 +1,165 @@
+"""The SAE's pieces against their formulas (DESIGN §6) and the export fold."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from saelab.config import SAECfg
+from saelab.sae import SAE, export_sae, jumprelu, load_sae, step
+from saelab.train import _Objective
+
+EPS = 1e-3
+
+
+def cfg(**kw) -> SAECfg:
+    return dataclasses.replace(SAECfg(), **kw)
+
+
+def rect(u):
+    return ((u > -0.5) & (u < 0.5)).double()
+
+
+def pre_acts_near(theta: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Pre-activations of which a good share falls inside the kernel's window around theta."""
+    return theta + (torch.rand(n, theta.numel(), generator=gen, dtype=torch.float64) - 0.5) * 4 * EPS
+
+
+@pytest.mark.parametrize("theta_param", ["log", "raw"])
+def test_straight_through_gradients_match_formulas(theta_param):
+    gen = torch.Generator().manual_seed(0)
+    sae = SAE(4, 6, cfg(d_sae=6, theta_param=theta_param, threshold_init=0.05)).double()
+    theta = sae.threshold.detach()
+    z = pre_acts_near(theta, 50, gen).requires_grad_(True)
+    g = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    kernel = rect((z.detach() - theta) / EPS)
+    assert 0 < kernel.mean() < 1  # the window catches some but not all
+
+    f = jumprelu(z, sae.threshold, EPS)
+    assert torch.equal(f.detach(), z.detach() * (z.detach() > theta))
+    (f * g).sum().backward()
+    d_theta = (-(theta / EPS) * kernel * g).sum(0)
+    param = sae.log_threshold if theta_param == "log" else sae.raw_threshold
+    chain = theta if theta_param == "log" else 1.0  # d theta / d log theta = theta
+    torch.testing.assert_close(param.grad, d_theta * chain)
+    torch.testing.assert_close(z.grad, g * (z.detach() > theta))
+
+    param.grad = None
+    z.grad = None
+    h = step(z, sae.threshold, EPS)
+    assert torch.equal(h.detach(), (z.detach() > theta).double())
+    (h * g).sum().backward()
+    torch.testing.assert_close(param.grad, (-(1 / EPS) * kernel * g).sum(0) * chain)
+    assert z.grad is None  # H's estimator gives z nothing
+
+
+@pytest.mark.parametrize("theta_param", ["log", "raw"])
+def test_l0_term_trains_only_theta(theta_param):
+    torch.manual_seed(0)
+    sae = SAE(8, 16, cfg(d_sae=16, theta_param=theta_param, threshold_init=0.05))
+    x = torch.randn(64, 8) * 0.3
+    obj = _Objective(sae)
+
+    def grads(lam):
+        sae.zero_grad(set_to_none=True)
+        obj(x, lam, None, 0)[0].backward()
+        return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    without, with_l0 = grads(0.0), grads(10.0)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(with_l0[name], without[name], rtol=0, atol=0)
+    theta_name = "log_threshold" if theta_param == "log" else "raw_threshold"
+    assert not torch.equal(with_l0[theta_name], without[theta_name])
+
+
+def test_init_follows_gemma_scope():
+    sae = SAE(16, 64, cfg(d_sae=64, threshold_init=1e-3))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert not sae.b_enc.any() and not sae.b_dec.any()
+    torch.testing.assert_close(sae.threshold, torch.full((64,), 1e-3))
+    assert sae.log_threshold.dtype == torch.float32
+    raw = SAE(16, 64, cfg(d_sae=64, theta_param="raw"))
+    torch.testing.assert_close(raw.threshold, torch.full((64,), 1e-3))
+
+
+def test_decoder_gradient_projection_and_renormalisation():
+    torch.manual_seed(0)
+    sae = SAE(8, 32, cfg(d_sae=32))
+    sae.W_dec.grad = torch.randn(32, 8)
+    before = sae.W_dec.grad.clone()
+    sae.remove_parallel_grad()
+    g, W = sae.W_dec.grad, sae.W_dec.detach()
+    torch.testing.assert_close((g * W).sum(1), torch.zeros(32), atol=1e-6, rtol=0)
+    # only the parallel component was removed
+    torch.testing.assert_close(before - g, (before * W).sum(1, keepdim=True) * W)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(32, 1) * 3 + 0.1)
+    sae.normalise_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+
+
+def test_topk_and_batchtopk_l0_exact():
+    torch.manual_seed(0)
+    x = torch.randn(40, 8)
+    topk = SAE(8, 32, cfg(architecture="topk", d_sae=32, k=5))
+    with torch.no_grad():
+        topk.b_enc.fill_(10.0)  # every pre-activation positive: relu keeps all k
+    assert ((topk.encode(x) != 0).sum(-1) == 5).all()
+    btk = SAE(8, 32, cfg(architecture="batchtopk", d_sae=32, k=5)).train()
+    with torch.no_grad():
+        btk.b_enc.fill_(10.0)
+    f = btk.encode(x)
+    assert int((f != 0).sum()) == 5 * 40
+    assert (f != 0).sum(-1).float().std() > 0  # per-token L0 varies; the batch mean is k
+
+
+def _perturbed(arch: str, **kw) -> SAE:
+    torch.manual_seed(1)
+    sae = SAE(8, 24, cfg(architecture=arch, d_sae=24, k=4, **kw))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.5)
+        if arch == "jumprelu":
+            param = sae.log_threshold if sae.cfg.theta_param == "log" else sae.raw_threshold
+            param.copy_(torch.rand(24) * 0.5 + 0.05)
+            if sae.cfg.theta_param == "log":
+                param.log_()
+        if arch == "batchtopk":
+            sae.batch_threshold.fill_(0.3)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch,theta_param", [("jumprelu", "log"), ("jumprelu", "raw"),
+                                              ("topk", "log"), ("batchtopk", "log")])
+def test_export_folds_the_scale(tmp_path, arch, theta_param):
+    sae = _perturbed(arch, theta_param=theta_param)
+    C = 3.7
+    export_sae(sae, tmp_path, scale=C, meta={"model_name": "tiny"})
+    loaded = load_sae(tmp_path)
+    x = torch.randn(200, 8) * 2
+    x_hat, f = sae(C * x)
+    x_hat2, f2 = loaded(x)
+    assert torch.equal(f2 != 0, f != 0)
+    torch.testing.assert_close(f2, f / C, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_hat2, x_hat / C, rtol=1e-5, atol=1e-6)
+    spec = json.loads((tmp_path / "cfg.json").read_text())
+    assert spec["architecture"] == ("topk" if arch == "topk" else "jumprelu")
+    assert spec["normalize_activations"] == "none"
+    assert spec["metadata"]["hook_name"] == "blocks.8.hook_mlp_out"
+    assert (spec["d_in"], spec["d_sae"]) == (8, 24)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_saelens_loads_the_export(tmp_path, arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = _perturbed(arch)
+    export_sae(sae, tmp_path, scale=2.0, meta={"model_name": "tiny"})
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
+    ours = load_sae(tmp_path)
+    x = torch.randn(100, 8)
+    with torch.no_grad():
+        f_ours = ours.encode(x)
+        torch.testing.assert_close(theirs.encode(x), f_ours, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(theirs.decode(f_ours), ours.decode(f_ours),
+                                   rtol=1e-5, atol=1e-6)

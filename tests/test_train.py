@@ -1,0 +1,159 @@
+"""The training loop: schedules, recovery of a known dictionary, resume after SIGKILL, NaN guard."""
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from saelab import checkpoint
+from saelab.config import SAECfg
+from saelab.errors import SaelabError
+from saelab.schedules import COSINE_FLOOR, l0_factor, lr_factor
+from saelab.train import train
+
+REPO_SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+
+
+def cfg(**kw) -> SAECfg:
+    base = dict(d_sae=32, batch_size=64, lr_warmup_steps=4, l0_warmup_steps=8, log_every=5,
+                checkpoint_every=10, theta_param="raw")
+    return dataclasses.replace(SAECfg(), **{**base, **kw})
+
+
+def synthetic(d: int = 16, n_atoms: int = 32, seed: int = 0):
+    """Known dictionary: unit atoms, each active w.p. 3/n_atoms with magnitude U(0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+
+    def batches(batch_size: int, start: int = 0, nan_at: int | None = None):
+        i = start
+        while True:
+            gi = torch.Generator().manual_seed(1_000_003 * (seed + 1) + i)
+            on = torch.rand(batch_size, n_atoms, generator=gi) < 3 / n_atoms
+            coef = on * (0.5 + torch.rand(batch_size, n_atoms, generator=gi))
+            x = (coef @ atoms + 0.01 * torch.randn(batch_size, d, generator=gi)) / 1.3
+            if i == nan_at:
+                x[0, 0] = math.nan
+            yield x
+            i += 1
+
+    return atoms, batches
+
+
+def test_lr_and_lambda_warmups():
+    c = cfg(lr_warmup_steps=10, lr_warmup_start=0.1, l0_warmup_steps=20, lr_decay="constant")
+    assert lr_factor(0, 100, c) == pytest.approx(0.1)
+    assert lr_factor(5, 100, c) == pytest.approx(0.55)  # cosine midpoint
+    assert lr_factor(10, 100, c) == 1.0 and lr_factor(99, 100, c) == 1.0
+    cos = dataclasses.replace(c, lr_decay="cosine")
+    assert lr_factor(10, 100, cos) == pytest.approx(1.0)
+    assert lr_factor(99, 100, cos) == pytest.approx(COSINE_FLOOR)
+    assert [l0_factor(s, c) for s in (0, 5, 20, 50)] == [0.0, 0.25, 1.0, 1.0]
+    assert l0_factor(0, dataclasses.replace(c, l0_warmup_steps=0)) == 1.0
+
+    _, batches = synthetic()
+    c = cfg(lr_warmup_steps=6, l0_warmup_steps=12, log_every=1, l0_coeff=0.02)
+    res = train(c, batches(64), d_in=16, n_tokens=64 * 16, lr=1e-2, device="cpu", seed=0)
+    for row in res.history:
+        s = row["step"] - 1  # the row logged after step s carries step s's values
+        assert row["lr"] == pytest.approx(1e-2 * lr_factor(s, 16, c))
+        assert row["lambda"] == pytest.approx(0.02 * min(1.0, s / 12))
+
+
+@pytest.mark.parametrize("arch,lr,extra", [
+    ("jumprelu", 1e-2, dict(theta_param="raw", l0_coeff=0.03)),
+    ("jumprelu", 3e-2, dict(theta_param="log", l0_coeff=0.03)),
+    ("topk", 3e-3, dict(k=3)),
+])
+def test_recovers_a_known_dictionary(arch, lr, extra):
+    atoms, batches = synthetic(d=32, n_atoms=64)
+    c = cfg(architecture=arch, d_sae=128, batch_size=512, lr_warmup_steps=10,
+            l0_warmup_steps=100, log_every=100, **extra)
+    res = train(c, batches(512), d_in=32, n_tokens=512 * 800, lr=lr, device="cpu", seed=0,
+                eval_batches=batches(512, start=10**6), eval_n_batches=4)
+    best_cos = (atoms @ res.sae.W_dec.detach().t()).max(1).values
+    assert (best_cos > 0.9).float().mean() >= 0.9
+    assert res.metrics["fvu"] < 0.2 and 2 <= res.metrics["l0"] <= 5
+    for key in ("mse", "fvu", "l0", "dead_fraction", "frac_active_gt_1pct",
+                "frac_active_gt_10pct", "tokens_per_s", "final_loss"):
+        assert math.isfinite(res.metrics[key]), key
+    assert [r["step"] for r in res.history] == [100, 200, 300, 400, 500, 600, 700, 800]
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    _, batches = synthetic()
+    with pytest.raises(SaelabError, match="step 13 of 30"):
+        train(cfg(), lambda start: batches(64, start, nan_at=12), d_in=16, n_tokens=64 * 30,
+              lr=1e-2, device="cpu", seed=0, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / checkpoint.FILE, weights_only=False)
+    assert state["state"]["step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["sae"].values())
+
+
+def test_changed_config_starts_fresh(tmp_path):
+    _, batches = synthetic()
+    kw = dict(d_in=16, n_tokens=64 * 20, lr=1e-2, device="cpu", seed=0, checkpoint_dir=tmp_path)
+    first = train(cfg(), lambda s: batches(64, s), **kw)
+    again = train(cfg(), lambda s: batches(64, s), **kw)  # resumes at the end: nothing to do
+    assert math.isnan(again.metrics["tokens_per_s"])
+    assert torch.equal(again.sae.W_dec, first.sae.W_dec)
+    changed = train(cfg(l0_coeff=0.05), lambda s: batches(64, s), **kw)
+    assert math.isfinite(changed.metrics["tokens_per_s"])
+    assert len(changed.history) == len(first.history)
+
+
+CHILD = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {src!r})
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from test_train import cfg, synthetic
+    from saelab.train import train
+    ckpt, out, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "slow"
+    _, batches = synthetic()
+    log = (lambda step, row: time.sleep(0.15)) if slow else None
+    res = train(cfg(architecture="{arch}", k=4, aux_k=8, dead_tokens=64 * 5),
+                lambda s: batches(64, s), d_in=16, n_tokens=64 * 60, lr=1e-2, device="cpu",
+                seed=0, checkpoint_dir=ckpt, log_fn=log)
+    torch.save(res.sae.state_dict(), out)
+""")
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, arch):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(src=os.path.abspath(REPO_SRC),
+                                   tests=os.path.dirname(os.path.abspath(__file__)), arch=arch))
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(REPO_SRC)}
+
+    def run(ckpt, out, mode):
+        return subprocess.Popen([sys.executable, str(script), str(ckpt), str(out), mode], env=env)
+
+    killed = run(tmp_path / "ck", tmp_path / "killed.pt", "slow")
+    deadline = time.time() + 60
+    while not (tmp_path / "ck" / checkpoint.FILE).exists():
+        assert killed.poll() is None, "child finished or crashed before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.4)  # a little past the checkpoint: the kill loses some steps
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed.pt").exists()
+    step = torch.load(tmp_path / "ck" / checkpoint.FILE, weights_only=False)["state"]["step"]
+    assert 0 < step < 60
+
+    resumed = run(tmp_path / "ck", tmp_path / "resumed.pt", "fast")
+    straight = run(tmp_path / "ck2", tmp_path / "straight.pt", "fast")
+    assert resumed.wait() == 0 and straight.wait() == 0
+    a = torch.load(tmp_path / "resumed.pt")
+    b = torch.load(tmp_path / "straight.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
