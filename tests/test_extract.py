@@ -259,3 +259,28 @@ def test_disk_preflight_refuses(model, tok, tmp_path, monkeypatch):
 def test_corpus_too_small(model, tok, tmp_path):
     with pytest.raises(SaelabError, match="data.token_budget.*extract.n_tokens"):
         extract_store(model, tok, texts(2), CFG, tmp_path / "s", device="cpu", inputs={})
+
+
+def test_run_extract_wires_model_corpus_and_store(tmp_path):
+    from saelab.base_model import fetch_model
+    from saelab.config import parse_params
+    from saelab.corpus import fetch_corpus
+    from saelab.extract import run_extract
+
+    params = parse_params({
+        "run": {"device": "cpu"}, "data": {"sample_path": str(SAMPLE), "max_docs": 12},
+        "extract": {"context_len": 64, "n_tokens": 3000, "batch_tokens": 512,
+                    "shard_tokens": 1024}})
+    fetch_model(params, tmp_path / "base", tmp_path / "base.json")
+    fetch_corpus(params, tmp_path / "corpus")
+    dirs = dict(model_dir=tmp_path / "base", model_json=tmp_path / "base.json",
+                corpus_dir=tmp_path / "corpus")
+    m = run_extract(params, out_dir=tmp_path / "acts", **dirs)
+    assert (m["model"], m["revision"], m["layer"], m["hook"], m["d"]) == (
+        "tiny-llama-16L-64d", "random-seed-0", 8, "mlp_out", 64)
+    assert ActivationStore(tmp_path / "acts").verify() == []
+    with pytest.raises(SaelabError, match="data.token_budget.*extract.n_tokens"):
+        run_extract(parse_params({"run": {"device": "cpu"},
+                                  "extract": {"context_len": 64, "n_tokens": 200_000,
+                                              "batch_tokens": 4096}}),
+                    out_dir=tmp_path / "big", **dirs)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,71 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, arch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _tiny_store(path, n_rows=32, ctx=9, d=8):
+    """A real store (through the store's writer) of random vectors, one per non-BOS token."""
+    from saelab.store import StoreWriter
+
+    g = np.random.default_rng(0)
+    rows = g.integers(0, 5000, size=(n_rows, ctx)).astype(np.uint32)
+    rows[:, 0] = 128000
+    acts = g.standard_normal((n_rows * (ctx - 1), d)).astype(np.float32) * 3
+    index = np.array([[r, p] for r in range(n_rows) for p in range(1, ctx)], dtype=np.int64)
+    writer = StoreWriter(path, fingerprint="test", d=d, dtype="float32", n_tokens=len(acts),
+                         shard_tokens=100, context_len=ctx)
+    writer.add(0, rows, acts, rows[:, 1:].reshape(-1), index, np.linalg.norm(acts, axis=1))
+    writer.finalize({}, vocab_size=128256, special_ids=[128000, 128001], bos_id=128000,
+                    eos_id=128001)
+    return acts
+
+
+def test_streaming_and_store_give_the_same_batches_and_sae(tmp_path):
+    from saelab.store import ActivationStore
+    from saelab.train import shuffled_batches
+
+    acts = _tiny_store(tmp_path / "store")
+    store = ActivationStore(tmp_path / "store")
+    chunks = (torch.from_numpy(c) for c in np.array_split(acts, 7))  # as the producer yields
+    streamed = shuffled_batches(chunks, capacity=len(acts), batch_size=32, seed=3,
+                                scale=store.scale)
+    from_store = store.iter_batches(32, seed=3)
+    for _ in range(len(acts) // 32):
+        assert torch.equal(next(streamed), next(from_store))
+    assert next(streamed, None) is None  # a finite stream ends; train() names the shortfall
+
+    c = cfg(d_sae=16, batch_size=32, architecture="topk", k=2)
+    kw = dict(d_in=8, n_tokens=len(acts), lr=1e-2, device="cpu", seed=0)
+    a = train(c, shuffled_batches(iter([torch.from_numpy(acts)]), capacity=10**6,
+                                  batch_size=32, seed=3, scale=store.scale), **kw)
+    b = train(c, lambda s: store.iter_batches(32, seed=3, start_batch=s), **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a.sae.state_dict().values(),
+                                                 b.sae.state_dict().values()))
+
+
+def test_small_shuffle_buffer_keeps_every_vector_once():
+    from saelab.train import shuffled_batches
+
+    x = torch.arange(1000, dtype=torch.float32).unsqueeze(1)
+    out = torch.cat(list(shuffled_batches(iter(x.split(64)), capacity=200, batch_size=50,
+                                          seed=0, scale=1.0)))
+    assert sorted(out.squeeze(1).tolist()) == list(range(1000))
+    assert out.squeeze(1)[:200].max() < 264  # batches come from the buffer's window
+
+
+def test_lr_and_token_sources(tmp_path):
+    import json
+
+    from saelab.train import resolve_lr, resolve_tokens
+
+    fit, budget = tmp_path / "fit.json", tmp_path / "budget.json"
+    assert resolve_lr(cfg(lr=2e-4), fit) == (2e-4, "params.sae.lr")
+    with pytest.raises(SaelabError, match="fit_scaling_laws"):
+        resolve_lr(cfg(lr=None), fit)
+    fit.write_text(json.dumps({"recommended": {"lr": 3e-4, "lr_source": "fit"}}))
+    assert resolve_lr(cfg(lr=None), fit) == (3e-4, f"{fit} (fit)")
+    assert resolve_tokens(cfg(n_tokens=4096), budget) == (4096, "params.sae.n_tokens")
+    with pytest.raises(SaelabError, match="n_tokens"):
+        resolve_tokens(cfg(n_tokens=None), budget)
+    budget.write_text(json.dumps({"tokens": 2.1e9}))
+    assert resolve_tokens(cfg(n_tokens=None), budget) == (2_100_000_000, str(budget))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import queue
@@ -156,7 +157,7 @@ def prefetch(iterable: Iterable, depth: int = 4) -> Iterator:
 # --- rows to activations ---------------------------------------------------------------
 
 class ActivationBatch(NamedTuple):
-    acts: torch.Tensor       # [n, d] on the model's device, in its compute dtype
+    acts: torch.Tensor       # [n, d] on the model's device, its compute dtype, no autograd
     token_ids: np.ndarray    # uint32 [n]
     index: np.ndarray        # int64 [n, 2]: (global row, position in row)
 
@@ -185,11 +186,15 @@ class ActivationSource:
         ids = ids.to(self.device, non_blocking=True)
         keep_t = keep_t.to(self.device, non_blocking=True)
         with torch.inference_mode(), capture(self.model, self.layer, self.hook) as h:
-            acts = h.run(ids).reshape(-1, self.d).index_select(0, keep_t)
+            hidden = h.run(ids).reshape(-1, self.d)
+        # Selecting outside inference mode makes `acts` an ordinary tensor: a trainer may
+        # feed it to autograd (inference tensors cannot be saved for backward).
+        with torch.no_grad():
+            acts = hidden.index_select(0, keep_t)
             if self.outlier_k > 0 and len(keep):
                 # The median of this forward batch: a reference that needs no second pass
                 # and is the same whether or not the run was interrupted.
-                norms = acts.float().norm(dim=1)
+                norms = torch.linalg.vector_norm(acts, dim=1, dtype=torch.float32)
                 ok = norms <= self.outlier_k * norms.median()
                 acts = acts[ok]
                 keep = keep[ok.cpu().numpy()]
@@ -219,14 +224,9 @@ def stream_activations(model: nn.Module, rows_iter: Iterable[np.ndarray], *, lay
     source = ActivationSource(model, layer=layer, hook=hook, device=device,
                               exclude_ids=special_ids if exclude_special else (),
                               outlier_k=outlier_k)
-    rows = _chain(first, rows_iter)
+    rows = itertools.chain([first], rows_iter)
     for start, block in batched_rows(rows, rows_per_batch(batch_tokens, len(first)), first_row):
         yield source(block, start)
-
-
-def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    yield first
-    yield from rest
 
 
 # --- the store writer pipeline ---------------------------------------------------------
@@ -304,7 +304,9 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     per_batch = rows_per_batch(cfg.batch_tokens, cfg.context_len)
     store_dtype = STORE_DTYPES[cfg.store_dtype][1]
     copies = _HostCopies(device, per_batch * cfg.context_len, d, store_dtype, depth)
-    rows = prefetch(_skip(token_rows(tokenizer, texts, cfg.context_len), writer.resume_row))
+    # Rows before `resume_row` are already stored: tokenized again, but not forwarded.
+    rows = itertools.islice(token_rows(tokenizer, texts, cfg.context_len), writer.resume_row, None)
+    blocks = prefetch(batched_rows(rows, per_batch, writer.resume_row))
     kept_shards, left, skip = len(writer.shards), cfg.n_tokens - writer.tokens_done, writer.resume_skip
     log.info("extracting %d tokens (%s of layer %d, d=%d, %s) into %s from row %d",
              left, cfg.hook, cfg.layer, d, cfg.store_dtype, out_dir, writer.resume_row)
@@ -318,11 +320,11 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
         with ThreadPoolExecutor(1, thread_name_prefix="saelab-writer") as pool, \
                 tqdm(total=cfg.n_tokens, initial=writer.tokens_done, unit="tok",
                      unit_scale=True, disable=None, desc="extract") as bar:
-            for first_row, block in batched_rows(rows, per_batch, writer.resume_row):
+            for first_row, block in blocks:
                 batch = source(block, first_row)
-                with torch.inference_mode():
+                with torch.no_grad():
                     stored = batch.acts.to(store_dtype)
-                    norms = stored.float().norm(dim=1)
+                    norms = torch.linalg.vector_norm(stored, dim=1, dtype=torch.float32)
                 while len(pending) >= depth:
                     pending.popleft().result()
                 acts, nrm, event = copies(stored, norms)
@@ -341,6 +343,8 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     except BaseException:
         writer.abort()
         raise
+    finally:
+        blocks.close()
     elapsed = time.perf_counter() - t0
     if not writer.done:
         writer.abort()
@@ -367,13 +371,6 @@ def _write(writer: StoreWriter, event, first_row, block, acts, token_ids, index,
     writer.add(first_row, block, _numpy_bits(acts), token_ids, index, norms.numpy())
 
 
-def _skip(rows: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
-    """Drop the first `n` rows (already stored by an interrupted run)."""
-    for i, row in enumerate(rows):
-        if i >= n:
-            yield row
-
-
 # --- the stage -------------------------------------------------------------------------
 
 def _file_sha(path: Path) -> str | None:
@@ -385,9 +382,15 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
                 model_json: Path = paths.MODEL_JSON) -> dict[str, Any]:
     """The `extract_mlp8` stage body: model + corpus in, store out; returns the manifest."""
     from .base_model import load_model
-    from .corpus import iter_documents
+    from .corpus import iter_documents, read_manifest
     from .runtime import compute_dtype, resolve_device
 
+    estimate = read_manifest(corpus_dir)["tokens_estimate"]["train"]
+    if estimate < params.extract.n_tokens:
+        log.warning("the corpus holds an estimated %d training tokens, fewer than "
+                    "extract.n_tokens = %d: extraction will likely run out (raise "
+                    "data.token_budget or lower extract.n_tokens)", estimate,
+                    params.extract.n_tokens)
     device = resolve_device(params)
     dtype = compute_dtype(params, device)
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype,

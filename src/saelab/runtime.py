@@ -15,7 +15,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     # Quiet chatty libraries; their warnings still show.
-    for name in ("urllib3", "httpx", "alembic", "mlflow.store", "filelock"):
+    for name in ("urllib3", "httpx", "httpx2", "alembic", "mlflow.store", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -152,8 +152,9 @@ def _log_pilot(row: dict[str, Any], params: Params) -> None:
     with nested_run(name, spec, tags={"saelab.pilot": "true", "status": row["status"]}):
         for h in row.get("history", []):
             log_metrics({k: v for k, v in h.items() if k != "step"}, step=int(h["step"]))
-        log_metrics({k: row[k] for k in ("loss", "mse", "fvu", "l0", "dead_fraction",
-                                         "tokens_per_s") if k in row})
+        # Training curves keep the trainer's names; the held-out result is apart from them.
+        log_metrics({f"heldout_{k}": row[k] for k in ("loss", "mse", "fvu", "l0") if k in row})
+        log_metrics({k: row[k] for k in ("dead_fraction", "tokens_per_s", "seconds") if k in row})
 
 
 def run_grid(params: Params, store_dir: str | Path = paths.ACTIVATIONS_DIR,
@@ -404,11 +405,13 @@ def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
         if all(math.isfinite(p["lo"]) for p in c):
             ax.fill_between([p["d_sae"] for p in c], [p["lo"] for p in c], [p["hi"] for p in c],
                             color="C1", alpha=0.2, label="95% bootstrap band")
-        for name, t in result["extrapolation"].items():
-            err = None if t["loss_ci"] is None else [[t["loss"] - t["loss_ci"][0]],
-                                                     [t["loss_ci"][1] - t["loss"]]]
-            ax.errorbar([t["d_sae"]], [t["loss"]], yerr=err, fmt="*", ms=10, capsize=3,
-                        label=f"extrapolated ({name}, d_sae={t['d_sae']})")
+        for i, (name, t) in enumerate(result["extrapolation"].items()):
+            color = f"C{4 + i}"
+            ax.scatter([t["d_sae"]], [t["loss"]], marker="*", s=100, color=color, zorder=4,
+                       label=f"extrapolated ({name}, d_sae={t['d_sae']})")
+            if t["loss_ci"] is not None:
+                # A percentile interval need not contain the point estimate: draw it as is.
+                ax.vlines(t["d_sae"], *t["loss_ci"], color=color)
         h = result["holdout"]
         if h.get("status") == "ok" and "predicted_loss" in h:
             ax.scatter([h["d_sae"]], [h["predicted_loss"]], marker="x", color="C3", zorder=4,

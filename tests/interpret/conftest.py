@@ -23,9 +23,27 @@ from saelab.tokenizer import BOS_ID, load_llama3_tokenizer  # noqa: E402
 
 CTX = 64
 WORD = "mañana"
+CORPUS_LATENT = 7  # the planted latent: fires exactly on " mañana"
 SPEC = SampleSpec(window=16, n_top=8, n_explain=4, n_quantiles=3, n_per_quantile=2,
                   n_random=8, min_activations=5)
 COUNTER = TokenCounter("chars/4 estimate (test)", lambda s: (len(s) + 3) // 4, exact=False)
+
+
+@pytest.fixture(autouse=True)
+def offline_tiktoken(monkeypatch):
+    """tiktoken downloads its encodings on first use; tests must not try the network."""
+    import tiktoken
+
+    from saelab.interpret.cost import token_counter
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("tests run offline")
+
+    monkeypatch.setattr(tiktoken, "encoding_for_model", offline)
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    token_counter.cache_clear()
+    yield
+    token_counter.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +95,7 @@ def corpus(tokenizer):
     tokens = rows[index[:, 0], index[:, 1]]
     hit = np.flatnonzero(tokens == word_id[0])
     latents = {
-        7: (hit, (2.0 + rng.random(len(hit))).astype(np.float32)),
+        CORPUS_LATENT: (hit, (2.0 + rng.random(len(hit))).astype(np.float32)),
         3: (np.array([0, 1, 2]), np.ones(3, dtype=np.float32)),
         5: (np.flatnonzero(rng.random(len(tokens)) < 0.1),),
     }
@@ -96,7 +114,7 @@ def samples(corpus):
 def make_cfg(tmp_path: Path, **kw) -> InterpretCfg:
     base = dict(model="gpt-4o", cache_dir=str(tmp_path / "cache"), max_words=20,
                 examples_per_prompt=4, concurrency=4, max_retries=3, retry_base_s=0.001,
-                poll_s=0.001, timeout_s=10.0, n_explain=SPEC.n_explain, n_top=SPEC.n_top)
+                poll_s=0.001, timeout_s=10.0)
     base.update(kw)
     return dataclasses.replace(InterpretCfg(), **base)
 

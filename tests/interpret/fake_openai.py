@@ -2,8 +2,9 @@
 
 The answer to a chat request comes from `responder(body) -> str | dict` (a dict may carry
 "content" and "logprobs"). Failures are injected by `fail(body, attempt) -> status | None`
-(attempt counts this body's requests from 0). A batch whose id is in `held` stays
-`in_progress` (with `hold_new`, every new batch is held); `expire_after = k` makes the next batch answer k requests and then expire, writing
+(attempt counts this body's requests from 0) and slowed by `delay(body, attempt)`
+seconds; `max_in_flight` records the most chat requests served at once. A batch whose id is in `held` stays
+`in_progress` (with `hold_from = k`, so is every batch created as the k-th or later); `expire_after = k` makes the next batch answer k requests and then expire, writing
 the rest to its error file as `batch_expired`. Every answered request is counted per body
 hash in `paid`, whichever endpoint answered it.
 """
@@ -30,8 +31,10 @@ class FakeOpenAI:
     def __init__(self, responder: Callable[[dict], Any]):
         self.responder = responder
         self.fail: Callable[[dict, int], int | None] = lambda body, attempt: None
+        self.delay: Callable[[dict, int], float] = lambda body, attempt: 0.0
+        self.in_flight = self.max_in_flight = 0
         self.held: set[str] = set()
-        self.hold_new = False
+        self.hold_from: int | None = None
         self.expire_after: int | None = None
         self.paid: Counter[str] = Counter()
         self.attempts: Counter[str] = Counter()
@@ -144,12 +147,19 @@ class FakeOpenAI:
                         fake.chat_calls += 1
                         attempt = fake.attempts[key]
                         fake.attempts[key] += 1
-                    status = fake.fail(body, attempt)
-                    if status:
-                        return self._send(status, {"error": {
-                            "message": f"injected {status}", "type": "server_error",
-                            "code": None}}, headers={"retry-after": "0"})
-                    return self._send(200, fake.complete(body))
+                        fake.in_flight += 1
+                        fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    try:
+                        time.sleep(fake.delay(body, attempt))
+                        status = fake.fail(body, attempt)
+                        if status:
+                            return self._send(status, {"error": {
+                                "message": f"injected {status}", "type": "server_error",
+                                "code": None}}, headers={"retry-after": "0"})
+                        return self._send(200, fake.complete(body))
+                    finally:
+                        with fake._lock:
+                            fake.in_flight -= 1
                 if path == "/v1/files":
                     msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(
                         b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n"
@@ -169,7 +179,7 @@ class FakeOpenAI:
                     bid = fake._new_id("batch")
                     lines = fake.files[body["input_file_id"]].decode().splitlines()
                     fake.batch_inputs[bid] = [json.loads(x)["custom_id"] for x in lines if x]
-                    if fake.hold_new:
+                    if fake.hold_from is not None and len(fake.batches) + 1 >= fake.hold_from:
                         fake.held.add(bid)
                     fake.batches[bid] = {
                         "id": bid, "object": "batch", "endpoint": body["endpoint"],

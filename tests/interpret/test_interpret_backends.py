@@ -6,6 +6,7 @@ import logging
 
 import pytest
 from conftest import COUNTER, make_cfg
+from fake_openai import body_hash
 
 from saelab.errors import SaelabError
 from saelab.interpret import cost as cost_mod
@@ -55,6 +56,25 @@ def test_sync_gives_up_after_max_retries_and_retries_on_rerun(server, workdir):
     assert out.sent == 1 and max(server.paid.values()) == 1
 
 
+def test_sync_concurrency_is_bounded(server, workdir):
+    server.delay = lambda body, attempt: 0.05
+    out = SyncBackend(make_client(server.base_url, 10), ResponseCache(workdir / "c"),
+                      concurrency=2, max_retries=0, retry_base_s=0.001).send(
+        _requests(8, server.base_url), "t")
+    assert out.sent == 8 and server.max_in_flight == 2
+
+
+def test_sync_retries_a_timed_out_request(server, workdir):
+    reqs = _requests(2, server.base_url)
+    slow = reqs[0].body
+    # The first try of one request takes longer than the client waits.
+    server.delay = lambda body, attempt: 1.0 if body == slow and attempt == 0 else 0.0
+    out = SyncBackend(make_client(server.base_url, 0.3), ResponseCache(workdir / "c"),
+                      concurrency=1, max_retries=2, retry_base_s=0.001).send(reqs, "t")
+    assert out.sent == 2 and not out.failed
+    assert server.attempts[body_hash(slow)] == 2
+
+
 def test_a_refused_key_stops_at_once(server, workdir):
     server.fail = lambda body, attempt: 401
     backend = SyncBackend(make_client(server.base_url, 10), ResponseCache(workdir / "c"),
@@ -91,7 +111,7 @@ def test_batch_expired_with_partial_results_resubmits_only_the_missing(server, w
 
 def test_batch_picks_up_an_in_flight_batch_after_a_crash(server, workdir, samples, table):
     cfg = make_cfg(workdir, backend="openai-batch", base_url=server.base_url)
-    server.hold_new = True  # batches stay in progress
+    server.hold_from = 1  # batches stay in progress
 
     def crash(_seconds):
         raise KeyboardInterrupt
@@ -102,7 +122,7 @@ def test_batch_picks_up_an_in_flight_batch_after_a_crash(server, workdir, sample
     recorded = json.loads((workdir / STATE_FILE).read_text())["batches"]
     assert list(recorded) == list(server.batches)  # the in-flight batch, by id
     (batch_id,) = recorded
-    server.hold_new = False
+    server.hold_from = None
     server.held.clear()
     metrics = run_interpret(samples, table, cfg, seed=0, counter=COUNTER,
                             out_dir=workdir / "r", metrics_path=workdir / "m.json")
@@ -113,9 +133,29 @@ def test_batch_picks_up_an_in_flight_batch_after_a_crash(server, workdir, sample
     assert json.loads((workdir / STATE_FILE).read_text())["batches"] == {}
 
 
+def test_batch_crash_while_scoring_picks_up_the_scoring_batch(server, workdir, samples, table):
+    cfg = make_cfg(workdir, backend="openai-batch", base_url=server.base_url)
+    server.hold_from = 2  # the explainer batch finishes, the scoring batch hangs
+
+    def crash(_seconds):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_interpret(samples, table, cfg, seed=0, counter=COUNTER, sleep=crash,
+                      out_dir=workdir / "r", metrics_path=workdir / "m.json")
+    assert len(server.batches) == 2
+    server.hold_from = None
+    server.held.clear()
+    metrics = run_interpret(samples, table, cfg, seed=0, counter=COUNTER,
+                            out_dir=workdir / "r", metrics_path=workdir / "m.json")
+    assert len(server.batches) == 2 and not server.cancelled
+    assert metrics["latents"]["7"]["detection"]["balanced_accuracy"] == 1.0
+    assert max(server.paid.values()) == 1
+
+
 def test_batch_no_longer_needed_is_cancelled(server, workdir, samples, table):
     cfg = make_cfg(workdir, backend="openai-batch", base_url=server.base_url)
-    server.hold_new = True
+    server.hold_from = 1
 
     def crash(_seconds):
         raise KeyboardInterrupt
@@ -124,7 +164,7 @@ def test_batch_no_longer_needed_is_cancelled(server, workdir, samples, table):
         run_interpret(samples, table, cfg, seed=0, counter=COUNTER, sleep=crash,
                       out_dir=workdir / "r", metrics_path=workdir / "m.json")
     (stale,) = server.batches
-    server.hold_new = False  # the stale batch stays held: still running at the rerun
+    server.hold_from = None  # the stale batch stays held: still running at the rerun
     other = make_cfg(workdir, backend="openai-batch", base_url=server.base_url, max_words=12)
     run_interpret(samples, table, other, seed=0, counter=COUNTER,
                   out_dir=workdir / "r", metrics_path=workdir / "m.json")
@@ -171,17 +211,10 @@ def test_estimate_prices_and_batch_discount():
         budget.check(sync, "x")
 
 
-def test_token_counter_falls_back_to_a_labelled_estimate(monkeypatch, caplog):
-    import tiktoken
-
-    def offline(model):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(tiktoken, "encoding_for_model", offline)
-    cost_mod.token_counter.cache_clear()
+def test_token_counter_falls_back_to_a_labelled_estimate(caplog):
+    # tiktoken is made to fail as offline by the autouse fixture in conftest.
     with caplog.at_level(logging.WARNING):
         counter = cost_mod.token_counter("gpt-4o")
-    cost_mod.token_counter.cache_clear()
     assert not counter.exact and "chars/4" in counter.method
     assert counter.count("abcdefgh") == 2
     assert "chars/4" in caplog.text

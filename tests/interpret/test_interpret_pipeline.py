@@ -19,10 +19,12 @@ def _run(samples, table, cfg, workdir):
 
 
 def test_planted_feature_right_explanation_scores_high(server, workdir, samples, table):
-    cfg = make_cfg(workdir, backend="openai", base_url=server.base_url)
+    cfg = make_cfg(workdir, backend="openai", base_url=server.base_url, n_completions=2)
     m = _run(samples, table, cfg, workdir)
     planted = m["latents"]["7"]
     assert planted["explanation"] == f'the word "{WORD}"'
+    explained = json.loads((workdir / "r" / "explanations.json").read_text())
+    assert [len(e["completions"]) for e in explained if not e["skipped"]] == [2, 2]
     assert planted["detection"]["balanced_accuracy"] >= 0.9
     assert planted["detection"]["auc"] >= 0.9
     assert planted["fuzzing"]["balanced_accuracy"] >= 0.9
@@ -53,7 +55,7 @@ def test_malformed_answers_are_reported_not_fatal(workdir, samples, table):
     with FakeOpenAI(garbage) as srv:
         cfg = make_cfg(workdir, backend="openai", base_url=srv.base_url)
         m = _run(samples, table, cfg, workdir)
-        assert m["summary"]["n_explained"] == 0 and m["summary"]["n_unparsed"] == 2
+        assert m["summary"]["n_explained"] == 0 and m["summary"]["n_failed"] == 2
         assert "could be parsed" in m["latents"]["7"]["error"]
 
     def bad_labels(body):

@@ -186,7 +186,7 @@ class BatchBackend:
     own, whichever run or batch produced it. Failed and expired requests are resubmitted
     in a new batch (at most `max_rounds` times). A batch recorded in the state file (or
     named by interpret.batch_id) is picked up instead of resubmitting its requests; one
-    that no longer holds any needed request is cancelled, and collected once it ends.
+    that holds no request the run needed is cancelled at its end (`cancel_stale`).
     """
 
     def __init__(self, client, cache: ResponseCache, state: BatchState, *, base_url: str,
@@ -195,6 +195,7 @@ class BatchBackend:
         self.client, self.cache, self.state = client, cache, state
         self.base_url, self.poll_s, self.max_rounds = base_url.rstrip("/"), poll_s, max_rounds
         self.batch_id, self.sleep = batch_id, sleep
+        self._named_done = False  # interpret.batch_id is waited for once per run
 
     # -- one batch -------------------------------------------------------------------
 
@@ -216,9 +217,16 @@ class BatchBackend:
         return created
 
     def _lines(self, file_id: str | None) -> list[dict[str, Any]]:
+        import openai
+
         if not file_id:
             return []
-        text = self.client.files.content(file_id).text
+        try:
+            text = self.client.files.content(file_id).text
+        except openai.NotFoundError:
+            # Batch files expire (30 days by default); their requests are sent again.
+            log.warning("batch file %s is gone; its requests will be resubmitted", file_id)
+            return []
         out = []
         for line in text.splitlines():
             if line.strip():
@@ -278,17 +286,32 @@ class BatchBackend:
 
     # -- the lifecycle ---------------------------------------------------------------
 
+    def _recorded(self) -> dict[str, dict[str, Any]]:
+        return {bid: e for bid, e in self.state.load().items()
+                if e.get("base_url", "") == self.base_url}
+
     def _adopt(self, needed: set[str], outcome: Outcome,
                permanent: set[str]) -> dict[str, set[str] | None]:
-        """Batches left by an earlier run: wait for the useful ones, cancel the rest."""
-        recorded = {bid: e for bid, e in self.state.load().items()
-                    if e.get("base_url", "") == self.base_url}
-        if self.batch_id and self.batch_id not in recorded:
+        """Batches left by an earlier run: collect the finished ones, wait for the in-flight
+        ones that hold needed requests; leave the others to `cancel_stale`."""
+        import openai
+
+        recorded = self._recorded()
+        if self.batch_id and not self._named_done and self.batch_id not in recorded:
             recorded[self.batch_id] = {"keys": None}  # named by the user: wait for it whole
+        self._named_done = True
         active: dict[str, set[str] | None] = {}
         for bid, entry in recorded.items():
             keys = set(entry["keys"]) if entry.get("keys") is not None else None
-            batch = self.client.batches.retrieve(bid)
+            try:
+                batch = self.client.batches.retrieve(bid)
+            except openai.NotFoundError:
+                if bid == self.batch_id:
+                    raise SaelabError(f"interpret.batch_id = {bid} is not known to the API at "
+                                      "this base_url with this key; check or clear it") from None
+                log.warning("forgetting batch %s: the API does not know it", bid)
+                self.state.remove(bid)
+                continue
             if batch.status in _TERMINAL:
                 log.info("collecting batch %s (%s) left by an earlier run", bid, batch.status)
                 self._collect(batch, outcome, permanent)
@@ -296,12 +319,20 @@ class BatchBackend:
                 log.info("picking up in-flight batch %s (%s) instead of resubmitting", bid,
                          batch.status)
                 active[bid] = keys
-            elif batch.status != "cancelling":
-                log.warning("cancelling batch %s: none of its %d requests is needed with the "
-                            "current params (its finished part is cached when it ends)",
-                            bid, len(keys))
-                self.client.batches.cancel(bid)
         return active
+
+    def cancel_stale(self) -> None:
+        """At the end of a run: batches still in flight hold no request this run needed
+        (it waited for all that did), e.g. after a crash and a change of params. Cancel them
+        to stop paying; their finished part is collected by the next run."""
+        for bid in self._recorded():
+            if bid == self.batch_id:
+                continue
+            batch = self.client.batches.retrieve(bid)
+            if batch.status not in _TERMINAL and batch.status != "cancelling":
+                log.warning("cancelling batch %s: none of its requests is needed with the "
+                            "current params", bid)
+                self.client.batches.cancel(bid)
 
     def send(self, requests: list[Request], desc: str) -> Outcome:
         outcome = Outcome()

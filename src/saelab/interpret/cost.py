@@ -2,7 +2,8 @@
 
 Input tokens are counted with tiktoken's encoding for the model (o200k_base for gpt-4o).
 tiktoken downloads that file on first use; offline, or when the download hangs, we fall
-back to a labelled chars/4 estimate. Output tokens are the requests' `max_tokens`: an
+back to a labelled chars/4 estimate (tiktoken reads a pre-downloaded encoding from
+TIKTOKEN_CACHE_DIR, which gives exact counts offline). Output tokens are the requests' `max_tokens`: an
 upper bound, so the cap errs on the side of stopping.
 """
 from __future__ import annotations

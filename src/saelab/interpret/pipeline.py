@@ -21,7 +21,7 @@ import numpy as np
 from .. import paths
 from ..config import InterpretCfg
 from ..errors import SaelabError
-from ..tracking import log_artifact, log_metrics
+from ..tracking import log_artifact, log_metrics, repo_root
 from .backends import BatchBackend, BatchState, SyncBackend, make_client, request_file_lines
 from .cache import Request, ResponseCache
 from .cost import Budget, Prices, TokenCounter, estimate, token_counter
@@ -33,6 +33,8 @@ from .scoring import SCORERS, ScorePrompt, build_prompts, detection_items, fuzzi
 
 log = logging.getLogger(__name__)
 
+# In-flight batches of this workspace (not the shared cache's root: parallel queued
+# experiments would otherwise take each other's batches for stale ones and cancel them).
 STATE_FILE = paths.STATE_DIR / "interpret" / "batches.json"
 
 
@@ -85,6 +87,13 @@ def _parse(r: LatentResult, response: dict[str, Any] | None, max_words: int) -> 
         r.error = "no explanation could be parsed from the reply: " + repr((texts or [""])[0])[:200]
 
 
+def _cache_dir(configured: str) -> Path:
+    """A relative cache_dir is under the user's repository root, so the temp-dir copies
+    that `dvc exp run --queue` executes in share the cache (and never pay twice)."""
+    path = Path(configured)
+    return path if path.is_absolute() else repo_root() / path
+
+
 def _uncached(requests: list[Request], cache: ResponseCache) -> list[Request]:
     seen: set[str] = set()
     out = []
@@ -100,7 +109,7 @@ def _summary(results: list[LatentResult], scorers: tuple[str, ...]) -> dict[str,
         "n_latents": len(results),
         "n_skipped": sum(bool(r.samples.skipped) for r in results),
         "n_explained": sum(r.explanation is not None for r in results),
-        "n_unparsed": sum(bool(r.error) for r in results),
+        "n_failed": sum(bool(r.error) for r in results),
     }
     for scorer in scorers:
         for metric in ("balanced_accuracy", "auc"):
@@ -116,7 +125,7 @@ def _latent_metrics(r: LatentResult) -> dict[str, Any]:
     s = r.samples
     return {"density": s.density, "n_fired": s.n_fired, "max_act": s.max_act,
             "skipped": s.skipped or None, "explanation": r.explanation,
-            "error": r.error or None, **{k: v for k, v in r.scores.items()}}
+            "error": r.error or None, **r.scores}
 
 
 class _Sender:
@@ -151,6 +160,66 @@ class _Sender:
                         len(outcome.failed), what, first)
 
 
+def _plan(live: list[LatentResult], explain: dict[int, Request], table: list[bytes],
+          cfg: InterpretCfg, seed: int, cache: ResponseCache, counter: TokenCounter,
+          prices: Prices):
+    """Cost of what is not cached: the explanations and the scoring they lead to (with a
+    stand-in explanation of max_words words where the real one is not known yet)."""
+    stand_in = " ".join(["palabra"] * cfg.max_words)
+    scoring: list[Request] = []
+    for r in live:
+        probe = LatentResult(r.samples)
+        _parse(probe, cache.get(explain[r.latent].key), cfg.max_words)
+        scoring += [p.request for p in
+                    _score_prompts(r, probe.explanation or stand_in, table, cfg, seed)]
+    return (estimate(_uncached(list(explain.values()), cache), counter, prices)
+            + estimate(_uncached(scoring, cache), counter, prices))
+
+
+def _explain_and_score(live: list[LatentResult], explain: dict[int, Request],
+                       table: list[bytes], cfg: InterpretCfg, seed: int, sender: _Sender,
+                       cache: ResponseCache) -> list[Request]:
+    """Fill in explanations and scores; returns the scoring requests."""
+    sender.send(_uncached(list(explain.values()), cache), "explanations")
+    for r in live:
+        _parse(r, cache.get(explain[r.latent].key), cfg.max_words)
+        if r.explanation is None and not r.error:
+            r.error = "no answer from the API"
+    prompts = {r.latent: _score_prompts(r, r.explanation, table, cfg, seed)
+               for r in live if r.explanation}
+    requests = [p.request for ps in prompts.values() for p in ps]
+    sender.send(_uncached(requests, cache), "scoring")
+    if isinstance(sender.backend, BatchBackend):
+        sender.backend.cancel_stale()
+    for r in live:
+        if r.latent in prompts:
+            responses = {p.request.key: cache.get(p.request.key) for p in prompts[r.latent]}
+            for scorer in cfg.scorers:
+                r.scores[scorer] = score([p for p in prompts[r.latent] if p.scorer == scorer],
+                                         responses)
+    return requests
+
+
+def _write_outputs(results: list[LatentResult], table: list[bytes], cfg: InterpretCfg,
+                   cost: dict[str, Any], out_dir: Path, metrics_path: Path) -> dict[str, Any]:
+    summary = _summary(results, cfg.scorers)
+    metrics = {"backend": cfg.backend, "model": cfg.model, "summary": summary, "cost": cost,
+               "latents": {str(r.latent): _latent_metrics(r) for r in results}}
+    (out_dir / "explanations.json").write_text(json.dumps(
+        [{"latent": r.latent, "explanation": r.explanation, "completions": r.completions,
+          "error": r.error or None, "skipped": r.samples.skipped or None, "scores": r.scores}
+         for r in results], indent=1, ensure_ascii=False), encoding="utf-8")
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_report(out_dir, results, table, cfg, summary, cost)
+    log_metrics({"interpret": summary, "cost": cost})
+    for r in results:  # per-latent scores as MLflow series over the latent id
+        log_metrics({f"latent.{scorer}": sc for scorer, sc in r.scores.items()}, step=r.latent)
+    log_artifact(out_dir)
+    log_artifact(metrics_path)
+    return metrics
+
+
 def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: InterpretCfg, *,
                   seed: int, out_dir: Path = paths.INTERPRET_DIR,
                   metrics_path: Path = paths.INTERPRET_METRICS,
@@ -163,7 +232,7 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
                           f"choose from {list(SCORERS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = ResponseCache(cfg.cache_dir)
+    cache = ResponseCache(_cache_dir(cfg.cache_dir))
     counter = counter or token_counter(cfg.model)
     discount = cfg.batch_discount if cfg.backend == "openai-batch" else 0.0
     prices = Prices(cfg.price_in_per_mtok, cfg.price_out_per_mtok, discount)
@@ -176,19 +245,7 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
     explain = {r.latent: _explain_request(r.samples, table, cfg) for r in live}
     request_file = out_dir / "requests.jsonl"
     request_file.write_text(request_file_lines(explain.values()), encoding="utf-8")
-
-    # The plan: explanations not cached, plus the scoring they lead to (with a stand-in
-    # explanation of max_words words where the real one is not known yet).
-    stand_in = " ".join(["palabra"] * cfg.max_words)
-    planned_scoring: list[Request] = []
-    for r in live:
-        cached = cache.get(explain[r.latent].key)
-        probe = LatentResult(r.samples)
-        _parse(probe, cached, cfg.max_words)
-        planned_scoring += [p.request for p in
-                            _score_prompts(r, probe.explanation or stand_in, table, cfg, seed)]
-    plan = (estimate(_uncached(list(explain.values()), cache), counter, prices)
-            + estimate(_uncached(planned_scoring, cache), counter, prices))
+    plan = _plan(live, explain, table, cfg, seed, cache, counter, prices)
     cost: dict[str, Any] = {
         "token_count_method": plan.method, "token_count_exact": counter.exact,
         "estimated_input_tokens": plan.input_tokens,
@@ -196,8 +253,6 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
         "estimated_usd": plan.usd, "batch_discount_applied": discount,
         "max_usd": cfg.max_usd, "requests_planned": plan.n_requests,
     }
-    budget = Budget(cfg.max_usd, prices)
-
     if cfg.backend == "none":
         batch_usd = Prices(prices.in_per_mtok, prices.out_per_mtok, cfg.batch_discount).usd(
             plan.input_tokens, plan.output_tokens)
@@ -209,45 +264,11 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
                  len(explain), request_file, plan.usd, batch_usd, plan.describe())
     else:
         log.info("interpret plan: %s", plan.describe())
+        budget = Budget(cfg.max_usd, prices)
         budget.check(plan, "this run")
         sender = _Sender(cfg, cache, budget, counter, sleep)
-        sender.send(_uncached(list(explain.values()), cache), "explanations")
-        for r in live:
-            _parse(r, cache.get(explain[r.latent].key), cfg.max_words)
-            if r.explanation is None and not r.error:
-                r.error = "no answer from the API"
-
-        prompts = {r.latent: _score_prompts(r, r.explanation, table, cfg, seed)
-                   for r in live if r.explanation}
-        scoring_requests = [p.request for ps in prompts.values() for p in ps]
-        sender.send(_uncached(scoring_requests, cache), "scoring")
-        for r in live:
-            if r.latent in prompts:
-                responses = {p.request.key: cache.get(p.request.key) for p in prompts[r.latent]}
-                for scorer in cfg.scorers:
-                    r.scores[scorer] = score([p for p in prompts[r.latent]
-                                              if p.scorer == scorer], responses)
-        request_file.write_text(request_file_lines(list(explain.values()) + scoring_requests),
+        scoring = _explain_and_score(live, explain, table, cfg, seed, sender, cache)
+        request_file.write_text(request_file_lines(list(explain.values()) + scoring),
                                 encoding="utf-8")
         cost.update(spent_usd=budget.spent, requests_sent=sender.sent)
-
-    summary = _summary(results, cfg.scorers)
-    metrics = {"backend": cfg.backend, "model": cfg.model, "summary": summary, "cost": cost,
-               "latents": {str(r.latent): _latent_metrics(r) for r in results}}
-    (out_dir / "explanations.json").write_text(json.dumps(
-        [{"latent": r.latent, "explanation": r.explanation, "completions": r.completions,
-          "error": r.error or None, "skipped": r.samples.skipped or None, "scores": r.scores}
-         for r in results], indent=1, ensure_ascii=False), encoding="utf-8")
-    metrics_path = Path(metrics_path)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
-    write_report(out_dir, results, table, cfg, summary, cost)
-
-    log_metrics({"interpret": summary, "cost": {k: v for k, v in cost.items()
-                                                if isinstance(v, (int, float))}})
-    for r in results:
-        log_metrics({f"latent.{scorer}.{m}": v for scorer, sc in r.scores.items()
-                     for m, v in sc.items() if isinstance(v, (int, float))}, step=r.latent)
-    log_artifact(out_dir)
-    log_artifact(metrics_path)
-    return metrics
+    return _write_outputs(results, table, cfg, cost, out_dir, Path(metrics_path))

@@ -143,7 +143,8 @@ def sample_latent(latent: int, token_idx: np.ndarray, values: np.ndarray, n_toke
         used.take(row, s, e)
         return Window(row, s, rows[row, s:e].copy(), lookup.acts(row, s, e), kind, q)
 
-    n_top = max(spec.n_top, spec.n_explain)
+    # One window more than the explainer takes, so at least one is left for scoring.
+    n_top = max(spec.n_top, spec.n_explain + 1)
     used = _Occupied()
     for c in cand:
         if len(out.top) == n_top:

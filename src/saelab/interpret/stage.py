@@ -38,9 +38,6 @@ def _run(params: Params) -> None:
     from ..store import ActivationStore
 
     cfg = params.interpret
-    if cfg.n_explain > cfg.n_top:
-        raise SaelabError(f"interpret.n_explain = {cfg.n_explain} exceeds interpret.n_top = "
-                          f"{cfg.n_top}: the explainer's examples are the top ones; raise n_top")
     device = resolve_device(params)
     store = ActivationStore(paths.ACTIVATIONS_DIR)
     sae = load_sae(paths.SAE_DIR, device)

@@ -1,0 +1,246 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from saelab import paths
+from saelab.config import SAECfg, ScalingCfg, parse_params
+from saelab.scaling import (fit_pilots, heldout_split, main, pilot_cfg, pilot_loss, run_grid,
+                            write_outputs)
+from saelab.store import ActivationStore, StoreWriter
+
+# Ground truth of the synthetic pilots: L(N, lr) = a N^-b + c + k (log10 lr - log10 lr*(N))^2
+# with lr*(N) = 0.256 / N, so lr* halves per doubling and sits on this grid for 64..256.
+A, B, C, K = 2.0, 0.5, 0.05, 0.04
+LRS = [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
+SIZES = [64, 128, 256]
+
+
+def lr_star(n):
+    return 0.256 / n
+
+
+def synth_rows(sizes=SIZES, lrs=LRS, star=lr_star):
+    return [{"d_sae": n, "lr": lr, "status": "ok",
+             "loss": A * n ** -B + C + K * (math.log10(lr) - math.log10(star(n))) ** 2}
+            for n in sizes for lr in lrs]
+
+
+def test_pilot_cfg_overrides_warmups_and_batch():
+    params = parse_params({"scaling": {"batch_size": 512, "lr_warmup_steps": 3,
+                                       "l0_warmup_steps": 7}})
+    cfg = pilot_cfg(params, 96)
+    assert (cfg.d_sae, cfg.batch_size, cfg.lr_warmup_steps, cfg.l0_warmup_steps) == (96, 512, 3, 7)
+    assert cfg.l0_coeff == params.sae.l0_coeff and cfg.architecture == params.sae.architecture
+
+
+def test_pilot_loss_is_the_heldout_objective():
+    m = {"mse": 0.01, "l0": 20.0}
+    assert pilot_loss(m, SAECfg(l0_coeff=1e-3), d_in=16) == pytest.approx(0.16 + 0.02)
+    assert pilot_loss(m, SAECfg(sparsity="target_l0", target_l0=10.0, l0_coeff=1e-3),
+                      d_in=16) == pytest.approx(0.16 + 1e-3 * 0.2 * 100)
+    assert pilot_loss(m, SAECfg(architecture="topk", k=4), d_in=16) == pytest.approx(0.16)
+
+
+def test_heldout_split_refuses_a_store_too_small():
+    assert heldout_split(10_000, 1_000, 256) == 9_000
+    with pytest.raises(Exception, match="raise extract.n_tokens"):
+        heldout_split(1_000, 900, 256)
+
+
+def test_grid_fit_recovers_known_laws():
+    res = fit_pilots(synth_rows(), ScalingCfg(bootstrap=50), d_sae=512, n_tokens=2_100_000_000,
+                     real_d_sae=16384)
+    assert res["status"] == "ok"
+    assert res["loss_fit"]["coef"] == pytest.approx({"a": A, "b": B, "c": C}, rel=1e-3)
+    assert res["lr_fit"]["coef"]["b"] == pytest.approx(-1.0, rel=1e-6)
+    rec = res["recommended"]
+    assert rec["lr"] == pytest.approx(lr_star(512), rel=1e-6)
+    assert (rec["d_sae"], rec["n_tokens"], rec["lr_source"]) == (512, 2_100_000_000, "fit")
+    assert res["extrapolation"]["budget"]["lr"] == pytest.approx(lr_star(16384), rel=1e-5)
+    assert res["extrapolation"]["budget"]["loss"] == pytest.approx(A * 16384 ** -B + C, rel=1e-3)
+    # Held-out largest size: fitted on 64 and 128 only (c = 0 there), predicted at 256.
+    h = res["holdout"]
+    assert h["status"] == "ok" and h["fit_sizes"] == [64, 128] and h["d_sae"] == 256
+    assert h["trained_loss"] == pytest.approx(A * 256 ** -B + C)
+    assert h["predicted_lr_star"] == pytest.approx(lr_star(256), rel=1e-6)
+    assert h["gap"] == pytest.approx(h["predicted_loss"] - h["trained_loss"])
+
+
+def test_grid_fit_with_noise_recovers_exponent_within_5_percent():
+    rng = np.random.default_rng(0)
+    sizes = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+    lrs = [0.256 / 2 ** k for k in range(2, 16)]
+    rows = synth_rows(sizes, lrs)
+    for r in rows:
+        r["loss"] *= 1 + rng.normal(0, 0.003)
+    res = fit_pilots(rows, ScalingCfg(bootstrap=100), d_sae=8192, n_tokens=1)
+    assert res["status"] == "ok"
+    assert res["loss_fit"]["coef"]["b"] == pytest.approx(B, rel=0.05)
+    lo, hi = res["loss_fit"]["ci"]["b"]
+    assert lo < B < hi
+    assert res["recommended"]["lr"] == pytest.approx(lr_star(8192), rel=0.25)
+
+
+def test_edge_of_grid_is_degenerate_and_the_fallback_says_so():
+    # The largest size wants an lr above the grid.
+    rows = synth_rows(star=lambda n: 0.256 / n if n < 256 else 0.05)
+    res = fit_pilots(rows, ScalingCfg(), d_sae=512, n_tokens=10)
+    assert res["status"] == "degenerate"
+    assert "d_sae=256" in res["reason"] and "largest in the grid" in res["reason"]
+    rec = res["recommended"]
+    assert rec["lr"] == 1.6e-2 and rec["lr_source"] == "fallback_best_pilot"
+    assert rec["source"].startswith("FALLBACK, not a fit") and "d_sae=256" in rec["source"]
+    assert "loss_fit" not in res and "extrapolation" not in res
+
+
+def test_one_size_and_rising_losses_are_degenerate():
+    res = fit_pilots(synth_rows(sizes=[64]), ScalingCfg(), d_sae=512, n_tokens=10)
+    assert res["status"] == "degenerate" and "only one size" in res["reason"]
+    rows = synth_rows()
+    for r in rows:
+        if r["d_sae"] == 256:
+            r["loss"] += 1.0
+    res = fit_pilots(rows, ScalingCfg(), d_sae=512, n_tokens=10)
+    assert res["status"] == "degenerate" and "does not decrease with size" in res["reason"]
+
+
+def test_two_step_method_reproduces_the_seed():
+    rows = synth_rows()
+    cfg = ScalingCfg(method="two_step", two_step_lr=2e-3, bootstrap=0)
+    res = fit_pilots(rows, cfg, d_sae=512, n_tokens=10)
+    assert res["status"] == "ok" and res["two_step_lr"] == 2e-3
+    loss = {(r["d_sae"], r["lr"]): r["loss"] for r in rows}
+    l64, l128 = loss[(64, 2e-3)], loss[(128, 2e-3)]
+    b = math.log(l64 / l128) / math.log(2)
+    assert res["loss_fit"]["coef"] == pytest.approx({"a": l64 * 64 ** b, "b": b, "c": 0.0},
+                                                    rel=1e-12)
+    assert res["lr_fit"]["coef"]["b"] == pytest.approx(-1.0, rel=1e-9)
+    assert res["recommended"]["lr"] == pytest.approx(lr_star(512), rel=1e-9)
+    check = res["holdout"]["checks"][0]
+    assert check["d_sae"] == 256 and check["trained_loss"] == loss[(256, 2e-3)]
+    assert check["predicted_loss"] == pytest.approx(l64 * (l128 / l64) ** 2, rel=1e-12)
+    bad = fit_pilots(rows, ScalingCfg(method="two_step", two_step_lr=3e-3), d_sae=512,
+                     n_tokens=10)
+    assert bad["status"] == "degenerate" and "not in scaling.lr_grid" in bad["reason"]
+
+
+def test_outputs_are_strict_json_and_plots(tmp_path):
+    rows = synth_rows()
+    rows[-1].update(loss=math.nan, status="diverged", error="NaN at step 3")
+    res = fit_pilots(rows, ScalingCfg(bootstrap=20), d_sae=512, n_tokens=10)
+    written = write_outputs(res, rows, tmp_path)
+    report = json.loads(written["fit_json"].read_text(),
+                        parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert report["status"] == "ok" and len(report["pilots"]) == len(rows)
+    assert report["pilots"][-1]["loss"] is None and report["pilots"][-1]["status"] == "diverged"
+    for key in ("loss_png", "lr_curves_png", "lr_star_png", "pilots_csv", "loss_csv", "lr_csv"):
+        assert written[key].stat().st_size > 0, key
+    header = written["pilots_csv"].read_text().splitlines()[0]
+    assert header.startswith("d_sae,lr,status,loss")
+    # Degenerate results still write every file but the fit curves, and say why.
+    bad = fit_pilots(synth_rows(sizes=[64]), ScalingCfg(), d_sae=512, n_tokens=10)
+    written = write_outputs(bad, synth_rows(sizes=[64]), tmp_path / "bad")
+    report = json.loads(written["fit_json"].read_text())
+    assert report["status"] == "degenerate" and report["reason"]
+    assert written["loss_png"].exists() and "loss_csv" not in written
+
+
+# --- the real pilot grid on a tiny synthetic store ----------------------------------------
+
+def make_store(path, n_tokens=6144, d=16, ctx=9, seed=0):
+    """A finished store of sparse codes over a known dictionary (identifiable structure,
+    so bigger SAEs reconstruct better)."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(48, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    per_row = ctx - 1  # position 0 is BOS, never stored
+    n_rows = n_tokens // per_row
+    rows = rng.integers(10, 1000, size=(n_rows, ctx)).astype(np.uint32)
+    rows[:, 0] = 128000
+    codes = np.zeros((n_tokens, 48))
+    for i in range(n_tokens):
+        codes[i, rng.choice(48, 3, replace=False)] = rng.uniform(0.5, 1.5, 3)
+    acts = (codes @ atoms + 0.02 * rng.normal(size=(n_tokens, d))).astype(np.float32)
+    index = np.stack(np.meshgrid(np.arange(n_rows), np.arange(1, ctx), indexing="ij"), -1)
+    index = index.reshape(-1, 2).astype(np.int64)
+    writer = StoreWriter(path, fingerprint="synthetic", d=d, dtype="float32", n_tokens=n_tokens,
+                         shard_tokens=2048, context_len=ctx)
+    writer.add(0, rows, acts, rows[:, 1:].reshape(-1), index, np.linalg.norm(acts, axis=1))
+    writer.finalize({"model": "synthetic"}, vocab_size=128256, special_ids=(128000, 128001),
+                    bos_id=128000, eos_id=128001)
+    return ActivationStore(path)
+
+
+PILOT_PARAMS = {
+    "run": {"device": "cpu", "num_threads": 1, "seed": 0},
+    "sae": {"d_sae": 64, "eval_tokens": 1024, "log_every": 4, "l0_coeff": 1.0e-3},
+    "scaling": {"d_sae_grid": [8, 16, 32], "lr_grid": [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2, 1.0e-1],
+                "n_tokens": 4096, "batch_size": 256, "bootstrap": 50, "lr_warmup_steps": 2,
+                "l0_warmup_steps": 4},
+    "budget": {"d_sae": 128},
+}
+
+
+def test_serial_grid_logs_a_nested_run_per_pilot(tmp_path, isolated_mlflow):
+    import mlflow
+
+    from saelab.tracking import stage_run
+
+    params = parse_params(PILOT_PARAMS)
+    calls = []
+
+    def fake_pilot(p, d, lr, store_dir, threads=None):
+        calls.append((d, lr, store_dir))
+        return {"d_sae": d, "lr": lr, "status": "ok", "loss": 1.0 / d + lr, "error": "",
+                "history": [{"step": 4, "loss": 2.0}, {"step": 8, "loss": 1.5}]}
+
+    with stage_run("fit_scaling_laws", params) as parent:
+        rows = run_grid(params, tmp_path / "store", pilot_fn=fake_pilot)
+    assert len(calls) == len(rows) == 15
+    assert [(r["d_sae"], r["lr"]) for r in rows] == sorted((r["d_sae"], r["lr"]) for r in rows)
+    runs = mlflow.search_runs(experiment_names=["saelab"],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(runs) == 15
+    history = mlflow.tracking.MlflowClient().get_metric_history(runs.run_id[0], "loss")
+    assert sorted(m.step for m in history) == [4, 8]
+    assert runs["metrics.heldout_loss"].notna().all()
+
+
+def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_mlflow):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    store = make_store(tmp_path / paths.ACTIVATIONS_DIR)
+    raw = {**PILOT_PARAMS, "scaling": {**PILOT_PARAMS["scaling"], "workers": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    main()
+
+    report = json.loads((tmp_path / paths.FIT_JSON).read_text())
+    assert len(report["pilots"]) == 15
+    ok = [p for p in report["pilots"] if p["status"] == "ok"]
+    assert ok, report["pilots"]
+    for p in ok:  # the loss is the held-out objective of DESIGN §6
+        assert p["loss"] == pytest.approx(p["mse"] * store.d + 1.0e-3 * p["l0"], rel=1e-9)
+        assert p["tokens"] == 4096
+    assert report["status"] in ("ok", "degenerate")
+    rec = report["recommended"]
+    assert rec["n_tokens"] == 2_100_000_000 and rec["d_sae"] == 64
+    if report["status"] == "ok":
+        assert rec["lr_source"] == "fit" and rec["lr"] > 0
+        assert report["extrapolation"]["budget"]["d_sae"] == 128
+    else:
+        assert rec["source"].startswith("FALLBACK") and report["reason"]
+    for name in ("loss_vs_size.png", "lr_curves.png", "lr_star_vs_size.png", "pilots.csv"):
+        assert (tmp_path / paths.SCALING_DIR / name).stat().st_size > 0
+    assert json.loads((tmp_path / paths.BUDGET_JSON).read_text())["tokens"] == 2.1e9
+    assert (tmp_path / paths.BUDGET_MD).exists()
+
+    runs = mlflow.search_runs(experiment_names=["saelab"])
+    parents = runs[runs["tags.dvc.stage"] == "fit_scaling_laws"]
+    assert len(parents) == 1
+    nested = runs[runs["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]]
+    assert len(nested) == 15
+    assert "metrics.degenerate" in parents.columns
