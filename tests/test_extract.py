@@ -181,9 +181,11 @@ def test_resume_after_crash_and_restart_on_new_inputs(model, tok, tmp_path):
     # other inputs: the finished store is replaced, not resumed
     m2 = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={"x": 1})
     assert m2["resumed_shards"] == 0 and m2["fingerprint"] != m["fingerprint"]
-    # a finished, matching store is kept as is
+    # a finished, matching store is kept as is (minus leftovers of an interrupted finish)
+    (tmp_path / "s/manifest.partial.json").write_text("{}")
     m3 = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={"x": 1})
     assert m3["tokens_per_s"] == m2["tokens_per_s"]
+    assert not (tmp_path / "s/manifest.partial.json").exists()
 
 
 def _hashes(manifest):

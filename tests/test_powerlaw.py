@@ -91,9 +91,24 @@ def test_parabola_recovers_known_lr_star():
     assert lr_star == pytest.approx(4e-3, rel=1e-9)
     assert info["loss_at_lr_star"] == pytest.approx(0.3, rel=1e-9)
     assert info["best_grid_lr"] == 3e-3
-    noisy_lr, info = best_lr_parabola(LRS, bowl(np.array(LRS)) + [0.001, -0.001, 0, 0.001, -0.001])
+    assert info["window_lrs"] == [1e-3, 3e-3, 1e-2]  # the best and one neighbour each side
+    noise = np.array([0.001, -0.001, 0, 0.001, -0.001])
+    noisy_lr, info = best_lr_parabola(LRS, bowl(np.array(LRS)) + noise, neighbours=2)
     assert noisy_lr == pytest.approx(4e-3, rel=0.1)
-    assert info["resid_sd"] > 0 and info["log10_lr_star_se"] > 0
+    assert info["resid_sd"] > 0 and info["log10_lr_star_se"] > 0 and info["loss_se"] is None
+    # Errors from repeated seeds: pooled over the window, propagated to lr*.
+    _, info = best_lr_parabola(LRS, bowl(np.array(LRS)), sigma=[1, 0.002, 0.002, 0.002, 1])
+    assert info["loss_se"] == pytest.approx(0.002) and info["log10_lr_star_se"] > 0
+
+
+def test_local_parabola_ignores_the_far_side_of_an_asymmetric_curve():
+    # Undertrained low lrs fall on a line, the top lr blows up (a real tiny-profile curve).
+    losses = [0.7009, 0.5832, 0.4037, 0.2453, 0.2569]
+    lr_star, _ = best_lr_parabola(LRS, losses)
+    assert 3e-3 < lr_star < 3e-2
+    # Through all five points the low side drags the vertex past the top of the grid.
+    with pytest.raises(FitError, match="outside the learning rates it was fitted on"):
+        best_lr_parabola(LRS, losses, neighbours=2)
 
 
 def test_parabola_drops_a_diverged_run_but_keeps_it_as_a_bracket():
@@ -123,7 +138,9 @@ def test_degenerate_inputs_give_clear_messages():
     with pytest.raises(FitError, match="only 2 finite losses"):
         best_lr_parabola(LRS, [0.5, 0.4, np.nan, np.nan, np.nan])
     with pytest.raises(FitError, match="not bowl-shaped"):
-        best_lr_parabola(LRS, [0.35, 0.28, 0.5, 0.5, 0.30])  # noise, not a bowl
+        best_lr_parabola(LRS, [0.35, 0.28, 0.5, 0.5, 0.30], neighbours=2)  # noise, not a bowl
+    with pytest.raises(FitError, match="outside the learning rates"):  # next lr diverged
+        best_lr_parabola(LRS, [0.5, 0.4, 0.3, 0.25, np.nan])
 
 
 def test_fit_serialises():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saelab.config import SAECfg
-from saelab.sae import SAE, export_sae, jumprelu, load_sae, step
+from saelab.sae import SAE, export_sae, jumprelu, jumprelu_with_l0, load_sae, step
 from saelab.train import _Objective
 
 EPS = 1e-3
@@ -54,6 +54,29 @@ def test_straight_through_gradients_match_formulas(theta_param):
 
 
 @pytest.mark.parametrize("theta_param", ["log", "raw"])
+def test_fused_training_op_equals_the_two_estimators(theta_param):
+    gen = torch.Generator().manual_seed(1)
+    sae = SAE(4, 6, cfg(d_sae=6, theta_param=theta_param, threshold_init=0.05)).double()
+    z = pre_acts_near(sae.threshold.detach(), 40, gen)
+    g_f = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    g_l0 = torch.randn(40, generator=gen, dtype=torch.float64)
+
+    def grads(fn):
+        zz = z.clone().requires_grad_(True)
+        sae.zero_grad(set_to_none=True)
+        f, l0 = fn(zz)
+        ((f * g_f).sum() + (l0 * g_l0).sum()).backward()
+        param = sae.log_threshold if theta_param == "log" else sae.raw_threshold
+        return f.detach(), l0.detach(), zz.grad, param.grad
+
+    fused = grads(lambda zz: jumprelu_with_l0(zz, sae.threshold, EPS))
+    apart = grads(lambda zz: (jumprelu(zz, sae.threshold, EPS),
+                              step(zz, sae.threshold, EPS).sum(-1)))
+    for a, b in zip(fused, apart):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("theta_param", ["log", "raw"])
 def test_l0_term_trains_only_theta(theta_param):
     torch.manual_seed(0)
     sae = SAE(8, 16, cfg(d_sae=16, theta_param=theta_param, threshold_init=0.05))
@@ -73,9 +96,14 @@ def test_l0_term_trains_only_theta(theta_param):
 
 
 def test_init_follows_gemma_scope():
-    sae = SAE(16, 64, cfg(d_sae=64, threshold_init=1e-3))
+    sae = SAE(16, 64, cfg(d_sae=64, threshold_init=1e-3, encoder_init_scale=1.0,
+                          theta_param="log"))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
     assert torch.equal(sae.W_enc, sae.W_dec.t())
+    scaled = SAE(16, 64, cfg(d_sae=64))  # JumpReLU default: W_enc = 0.1 W_dec^T
+    torch.testing.assert_close(scaled.W_enc, 0.1 * scaled.W_dec.t())
+    topk = SAE(16, 64, cfg(d_sae=64, architecture="topk", k=4))
+    assert torch.equal(topk.W_enc, topk.W_dec.t())
     assert not sae.b_enc.any() and not sae.b_dec.any()
     torch.testing.assert_close(sae.threshold, torch.full((64,), 1e-3))
     assert sae.log_threshold.dtype == torch.float32

@@ -7,8 +7,8 @@ import yaml
 
 from saelab import paths
 from saelab.config import SAECfg, ScalingCfg, parse_params
-from saelab.scaling import (fit_pilots, heldout_split, main, pilot_cfg, pilot_loss, run_grid,
-                            write_outputs)
+from saelab.scaling import (caveats, fit_pilots, heldout_split, main, mean_losses, pilot_cfg,
+                            pilot_loss, run_grid, write_outputs)
 from saelab.store import ActivationStore, StoreWriter
 
 # Ground truth of the synthetic pilots: L(N, lr) = a N^-b + c + k (log10 lr - log10 lr*(N))^2
@@ -22,10 +22,10 @@ def lr_star(n):
     return 0.256 / n
 
 
-def synth_rows(sizes=SIZES, lrs=LRS, star=lr_star):
-    return [{"d_sae": n, "lr": lr, "status": "ok",
+def synth_rows(sizes=SIZES, lrs=LRS, star=lr_star, seeds=(0,)):
+    return [{"d_sae": n, "lr": lr, "seed": seed, "status": "ok",
              "loss": A * n ** -B + C + K * (math.log10(lr) - math.log10(star(n))) ** 2}
-            for n in sizes for lr in lrs]
+            for n in sizes for lr in lrs for seed in seeds]
 
 
 def test_pilot_cfg_overrides_warmups_and_batch():
@@ -48,6 +48,22 @@ def test_heldout_split_refuses_a_store_too_small():
     assert heldout_split(10_000, 1_000, 256) == 9_000
     with pytest.raises(Exception, match="raise extract.n_tokens"):
         heldout_split(1_000, 900, 256)
+
+
+def test_mean_over_seeds_and_a_diverged_seed():
+    rows = [{"d_sae": 8, "lr": 1e-3, "loss": v} for v in (1.0, 2.0, 3.0)]
+    rows += [{"d_sae": 8, "lr": 1e-2, "loss": v} for v in (1.0, math.nan)]
+    rows += [{"d_sae": 16, "lr": 1e-3, "loss": 0.5}]
+    m = mean_losses(rows)
+    assert m[(8, 1e-3)] == pytest.approx((2.0, 1.0 / math.sqrt(3)))
+    assert all(math.isnan(v) for v in m[(8, 1e-2)])  # an lr that sometimes diverges is out
+    assert m[(16, 1e-3)][0] == 0.5 and math.isnan(m[(16, 1e-3)][1])
+
+
+def test_caveats_name_what_the_lr_ignores():
+    params = parse_params({"scaling": {"batch_size": 1024}, "sae": {"batch_size": 4096}})
+    text = " ".join(caveats(params))
+    assert "65536 tokens" in text and "batch 1024" in text and "4096" in text
 
 
 def test_grid_fit_recovers_known_laws():
@@ -79,9 +95,23 @@ def test_grid_fit_with_noise_recovers_exponent_within_5_percent():
     res = fit_pilots(rows, ScalingCfg(bootstrap=100), d_sae=8192, n_tokens=1)
     assert res["status"] == "ok"
     assert res["loss_fit"]["coef"]["b"] == pytest.approx(B, rel=0.05)
-    lo, hi = res["loss_fit"]["ci"]["b"]
-    assert lo < B < hi
+    assert res["loss_fit"]["ci"] is not None  # residual bootstrap: 8 sizes, 3 parameters
     assert res["recommended"]["lr"] == pytest.approx(lr_star(8192), rel=0.25)
+
+
+def test_seed_spread_gives_parametric_intervals():
+    rng = np.random.default_rng(0)
+    rows = synth_rows(seeds=(0, 1, 2))
+    for r in rows:
+        r["loss"] *= 1 + rng.normal(0, 0.005)
+    res = fit_pilots(rows, ScalingCfg(seeds=3, bootstrap=200), d_sae=512, n_tokens=10)
+    assert res["status"] == "ok"
+    assert all(e["parabola"]["loss_se"] > 0 for e in res["per_size"])
+    for key in ("loss_fit", "lr_fit"):
+        assert "parametric" in res[key]["note"] and res[key]["ci"]["b"][0] < res[key]["ci"]["b"][1]
+    lo, hi = res["extrapolation"]["train_sae"]["lr_ci"]
+    assert lo < res["recommended"]["lr"] < hi
+    assert lo < lr_star(512) < hi
 
 
 def test_edge_of_grid_is_degenerate_and_the_fallback_says_so():
@@ -139,13 +169,14 @@ def test_outputs_are_strict_json_and_plots(tmp_path):
     for key in ("loss_png", "lr_curves_png", "lr_star_png", "pilots_csv", "loss_csv", "lr_csv"):
         assert written[key].stat().st_size > 0, key
     header = written["pilots_csv"].read_text().splitlines()[0]
-    assert header.startswith("d_sae,lr,status,loss")
+    assert header.startswith("d_sae,lr,seed,status,loss")
     # Degenerate results still write every file but the fit curves, and say why.
     bad = fit_pilots(synth_rows(sizes=[64]), ScalingCfg(), d_sae=512, n_tokens=10)
     written = write_outputs(bad, synth_rows(sizes=[64]), tmp_path / "bad")
     report = json.loads(written["fit_json"].read_text())
     assert report["status"] == "degenerate" and report["reason"]
-    assert written["loss_png"].exists() and "loss_csv" not in written
+    assert written["loss_png"].exists()
+    assert written["loss_csv"].read_text().strip() == "d_sae,loss,lo,hi"  # DVC needs the out
 
 
 # --- the real pilot grid on a tiny synthetic store ----------------------------------------
@@ -175,11 +206,11 @@ def make_store(path, n_tokens=6144, d=16, ctx=9, seed=0):
 
 
 PILOT_PARAMS = {
-    "run": {"device": "cpu", "num_threads": 1, "seed": 0},
+    "run": {"device": "cpu", "num_threads": 1, "seed": 5},
     "sae": {"d_sae": 64, "eval_tokens": 1024, "log_every": 4, "l0_coeff": 1.0e-3},
-    "scaling": {"d_sae_grid": [8, 16, 32], "lr_grid": [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2, 1.0e-1],
+    "scaling": {"d_sae_grid": [8, 16, 32], "lr_grid": [3.0e-3, 1.0e-2, 3.0e-2, 1.0e-1],
                 "n_tokens": 4096, "batch_size": 256, "bootstrap": 50, "lr_warmup_steps": 2,
-                "l0_warmup_steps": 4},
+                "l0_warmup_steps": 4, "seeds": 2, "workers": 1},
     "budget": {"d_sae": 128},
 }
 
@@ -192,18 +223,21 @@ def test_serial_grid_logs_a_nested_run_per_pilot(tmp_path, isolated_mlflow):
     params = parse_params(PILOT_PARAMS)
     calls = []
 
-    def fake_pilot(p, d, lr, store_dir, threads=None):
-        calls.append((d, lr, store_dir))
-        return {"d_sae": d, "lr": lr, "status": "ok", "loss": 1.0 / d + lr, "error": "",
+    def fake_pilot(p, d, lr, seed, store_dir, threads=None):
+        calls.append((d, lr, seed, store_dir))
+        return {"d_sae": d, "lr": lr, "seed": seed, "status": "ok", "loss": 1.0 / d + lr,
+                "error": "",
                 "history": [{"step": 4, "loss": 2.0}, {"step": 8, "loss": 1.5}]}
 
     with stage_run("fit_scaling_laws", params) as parent:
         rows = run_grid(params, tmp_path / "store", pilot_fn=fake_pilot)
-    assert len(calls) == len(rows) == 15
-    assert [(r["d_sae"], r["lr"]) for r in rows] == sorted((r["d_sae"], r["lr"]) for r in rows)
+    assert len(calls) == len(rows) == 3 * 4 * 2  # sizes x lrs x seeds
+    assert {c[2] for c in calls} == {5, 6}  # run.seed, run.seed + 1
+    keys = [(r["d_sae"], r["lr"], r["seed"]) for r in rows]
+    assert keys == sorted(keys)
     runs = mlflow.search_runs(experiment_names=["saelab"],
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(runs) == 15
+    assert len(runs) == 24
     history = mlflow.tracking.MlflowClient().get_metric_history(runs.run_id[0], "loss")
     assert sorted(m.step for m in history) == [4, 8]
     assert runs["metrics.heldout_loss"].notna().all()
@@ -219,7 +253,7 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     main()
 
     report = json.loads((tmp_path / paths.FIT_JSON).read_text())
-    assert len(report["pilots"]) == 15
+    assert len(report["pilots"]) == 24
     ok = [p for p in report["pilots"] if p["status"] == "ok"]
     assert ok, report["pilots"]
     for p in ok:  # the loss is the held-out objective of DESIGN §6
@@ -229,7 +263,7 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     rec = report["recommended"]
     assert rec["n_tokens"] == 2_100_000_000 and rec["d_sae"] == 64
     if report["status"] == "ok":
-        assert rec["lr_source"] == "fit" and rec["lr"] > 0
+        assert rec["lr_source"] == "fit" and rec["lr"] > 0 and rec["caveats"]
         assert report["extrapolation"]["budget"]["d_sae"] == 128
     else:
         assert rec["source"].startswith("FALLBACK") and report["reason"]
@@ -242,5 +276,27 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     parents = runs[runs["tags.dvc.stage"] == "fit_scaling_laws"]
     assert len(parents) == 1
     nested = runs[runs["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]]
-    assert len(nested) == 15
+    assert len(nested) == 24
     assert "metrics.degenerate" in parents.columns
+
+
+def test_a_diverged_pilot_is_a_result_other_errors_stop(tmp_path, monkeypatch):
+    import saelab.scaling as scaling
+    from saelab.errors import SaelabError
+
+    make_store(tmp_path / "store", n_tokens=2048)
+    params = parse_params(PILOT_PARAMS)
+
+    def nan_guard(*a, **k):
+        raise SaelabError("the loss or gradient became NaN/Inf at step 3 of 16. Lower ...")
+
+    monkeypatch.setattr(scaling, "train", nan_guard)
+    row = scaling.run_pilot(params, 8, 1e-1, 0, str(tmp_path / "store"))
+    assert row["status"] == "diverged" and math.isnan(row["loss"]) and "NaN/Inf" in row["error"]
+
+    def bad_setup(*a, **k):
+        raise SaelabError("sae.k = 32 exceeds sae.d_sae = 8")
+
+    monkeypatch.setattr(scaling, "train", bad_setup)
+    with pytest.raises(SaelabError, match="exceeds"):
+        scaling.run_pilot(params, 8, 1e-1, 0, str(tmp_path / "store"))

@@ -287,8 +287,8 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     out_dir = Path(out_dir)
     d = hook_dim(model.config, cfg.hook)
     specials = special_token_ids(tokenizer)
-    fp = fingerprint(cfg, {**inputs, "device": device.type,
-                           "compute_dtype": str(next(model.parameters()).dtype)})
+    compute = str(next(model.parameters()).dtype).removeprefix("torch.")
+    fp = fingerprint(cfg, {**inputs, "device": device.type, "compute_dtype": compute})
     writer = StoreWriter(out_dir, fingerprint=fp, d=d, dtype=cfg.store_dtype,
                          n_tokens=cfg.n_tokens, shard_tokens=cfg.shard_tokens,
                          context_len=cfg.context_len)
@@ -299,47 +299,19 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     check_disk(out_dir, estimate_bytes(cfg.n_tokens, d, cfg.store_dtype, cfg.context_len)
                - done_bytes)
 
+    kept_shards, left = len(writer.shards), cfg.n_tokens - writer.tokens_done
+    log.info("extracting %d tokens (%s of layer %d, d=%d, %s) into %s from row %d",
+             left, cfg.hook, cfg.layer, d, cfg.store_dtype, out_dir, writer.resume_row)
     source = ActivationSource(model, layer=cfg.layer, hook=cfg.hook, device=device,
                               exclude_ids=specials, outlier_k=cfg.outlier_k)
     per_batch = rows_per_batch(cfg.batch_tokens, cfg.context_len)
-    store_dtype = STORE_DTYPES[cfg.store_dtype][1]
-    copies = _HostCopies(device, per_batch * cfg.context_len, d, store_dtype, depth)
     # Rows before `resume_row` are already stored: tokenized again, but not forwarded.
-    rows = itertools.islice(token_rows(tokenizer, texts, cfg.context_len), writer.resume_row, None)
+    rows = itertools.islice(token_rows(tokenizer, texts, cfg.context_len), writer.resume_row,
+                            None)
     blocks = prefetch(batched_rows(rows, per_batch, writer.resume_row))
-    kept_shards, left, skip = len(writer.shards), cfg.n_tokens - writer.tokens_done, writer.resume_skip
-    log.info("extracting %d tokens (%s of layer %d, d=%d, %s) into %s from row %d",
-             left, cfg.hook, cfg.layer, d, cfg.store_dtype, out_dir, writer.resume_row)
-
-    from tqdm import tqdm
-
-    pending: deque[Future] = deque()
-    remaining = left
     t0 = time.perf_counter()
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="saelab-writer") as pool, \
-                tqdm(total=cfg.n_tokens, initial=writer.tokens_done, unit="tok",
-                     unit_scale=True, disable=None, desc="extract") as bar:
-            for first_row, block in blocks:
-                batch = source(block, first_row)
-                with torch.no_grad():
-                    stored = batch.acts.to(store_dtype)
-                    norms = torch.linalg.vector_norm(stored, dim=1, dtype=torch.float32)
-                while len(pending) >= depth:
-                    pending.popleft().result()
-                acts, nrm, event = copies(stored, norms)
-                pending.append(pool.submit(_write, writer, event, first_row, block, acts,
-                                           batch.token_ids, batch.index, nrm))
-                # A resumed run's first batch starts with `skip` vectors stored before.
-                n = len(batch.token_ids)
-                fresh = min(max(n - skip, 0), remaining)
-                skip = max(skip - n, 0)
-                remaining -= fresh
-                bar.update(fresh)
-                if remaining == 0:
-                    break
-            while pending:
-                pending.popleft().result()
+        _produce(writer, source, blocks, cfg, device, depth)
     except BaseException:
         writer.abort()
         raise
@@ -354,8 +326,7 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
             "data.max_docs) or lower extract.n_tokens")
     rate = left / elapsed if elapsed > 0 else float("nan")
     manifest = writer.finalize(
-        {**(meta or {}), "layer": cfg.layer, "hook": cfg.hook,
-         "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        {**(meta or {}), "layer": cfg.layer, "hook": cfg.hook, "compute_dtype": compute,
          "device": str(device), "outlier_k": cfg.outlier_k, "tokens_per_s": rate,
          "elapsed_s": elapsed, "resumed_shards": kept_shards, "config": dataclasses.asdict(cfg)},
         vocab_size=model.config.vocab_size, special_ids=specials,
@@ -365,10 +336,41 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     return manifest
 
 
-def _write(writer: StoreWriter, event, first_row, block, acts, token_ids, index, norms) -> None:
+def _produce(writer: StoreWriter, source: ActivationSource, blocks: Iterator,
+             cfg: ExtractCfg, device: torch.device, depth: int) -> None:
+    """Forward blocks until the writer has enough; at most `depth` batches wait for it."""
+    from tqdm import tqdm
+
+    store_dtype = STORE_DTYPES[cfg.store_dtype][1]
+    copies = _HostCopies(device, rows_per_batch(cfg.batch_tokens, cfg.context_len)
+                         * cfg.context_len, source.d, store_dtype, depth)
+    # A resumed run's first batch repeats `resume_skip` vectors stored before.
+    need = cfg.n_tokens - writer.tokens_done + writer.resume_skip
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="saelab-writer") as pool, \
+            tqdm(total=cfg.n_tokens, initial=writer.tokens_done, unit="tok", unit_scale=True,
+                 disable=None, desc="extract") as bar:
+        for first_row, block in blocks:
+            batch = source(block, first_row)
+            with torch.no_grad():
+                stored = batch.acts.to(store_dtype)
+                norms = torch.linalg.vector_norm(stored, dim=1, dtype=torch.float32)
+            while len(pending) >= depth:
+                bar.update(pending.popleft().result())
+            acts, norms, event = copies(stored, norms)
+            pending.append(pool.submit(_write, writer, event, first_row, block, acts,
+                                       batch.token_ids, batch.index, norms))
+            need -= len(batch.token_ids)
+            if need <= 0:
+                break
+        while pending:
+            bar.update(pending.popleft().result())
+
+
+def _write(writer: StoreWriter, event, first_row, block, acts, token_ids, index, norms) -> int:
     if event is not None:
-        event.synchronize()
-    writer.add(first_row, block, _numpy_bits(acts), token_ids, index, norms.numpy())
+        event.synchronize()  # the non-blocking device -> host copy has landed
+    return writer.add(first_row, block, _numpy_bits(acts), token_ids, index, norms.numpy())
 
 
 # --- the stage -------------------------------------------------------------------------

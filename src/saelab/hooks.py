@@ -9,7 +9,7 @@ A hook point names a tensor of `model.model.layers[L]`:
 | `mlp_in`     | output of `layers[L].post_attention_layernorm`     | hidden_size       |
 | `resid_post` | output of `layers[L]` (the residual stream)        | hidden_size       |
 
-`capture(..., stop=True)` raises from inside the hook once the tensor exists, so layers
+`capture` raises from inside the hook once the tensor exists, so layers
 after L, the final norm and the 128k-row LM head never run. The forward itself is the
 model's own `model.model(...)`: masks, RoPE and attention are exactly those of a full
 pass, which is why the captured tensor equals the full-forward one.
@@ -75,9 +75,8 @@ class _Stop(Exception):
 
 @dataclass
 class ActivationHook:
-    """What `capture` yields: the last captured tensor and a truncated forward."""
+    """What `capture` yields: the last captured tensor and the truncated forward."""
     model: nn.Module
-    stop: bool
     value: torch.Tensor | None = None
 
     def run(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -93,21 +92,16 @@ class ActivationHook:
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, layer: int, hook: str, *, stop: bool = True,
-            ) -> Iterator[ActivationHook]:
-    """Hook `hook` of `layers[layer]` for the duration of the block.
-
-    With `stop`, `ActivationHook.run` ends the forward at the hook (truncated forward); a
-    plain `model(...)` call inside the block must then expect the internal stop
-    exception, so use `run`.
-    """
+def capture(model: nn.Module, layer: int, hook: str) -> Iterator[ActivationHook]:
+    """Hook `hook` of `layers[layer]` for the duration of the block; run forwards with
+    `ActivationHook.run`, which ends each one at the hook (a plain `model(...)` call would
+    see the internal stop exception)."""
     module, side = hook_module(model, layer, hook)
-    state = ActivationHook(model, stop)
+    state = ActivationHook(model)
 
     def record(tensor: torch.Tensor) -> None:
         state.value = tensor[0] if isinstance(tensor, tuple) else tensor
-        if stop:
-            raise _Stop
+        raise _Stop
 
     if side == "input":
         handle = module.register_forward_pre_hook(lambda _m, args: record(args[0]))

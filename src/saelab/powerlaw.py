@@ -275,11 +275,17 @@ def _finish(fit: Fit, refit: Callable[[np.ndarray], Sequence[float]], n_params: 
     return fit
 
 
-def best_lr_parabola(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, dict]:
-    """lr* from a parabola in log10(lr) through the finite losses of one size.
+def best_lr_parabola(lrs: Sequence[float], losses: Sequence[float], *, neighbours: int = 1,
+                     sigma: Sequence[float] | None = None) -> tuple[float, dict]:
+    """lr* from a parabola in log10(lr) around the best grid point of one size.
 
-    A non-finite loss (a diverged pilot) counts as worse than any finite one when
-    deciding whether the best lr is bracketed, and is left out of the parabola.
+    The parabola goes through the best finite point and its `neighbours` nearest finite
+    points on each side (1: three-point parabolic interpolation). Loss against log lr is
+    a bowl only near its bottom: undertrained low lrs fall on a near-straight line and high
+    lrs blow up, and a parabola through all of them puts its vertex off the optimum.
+    A non-finite loss (a diverged pilot) counts as worse than any finite one when deciding
+    whether the best lr is bracketed, and is left out of the parabola. `sigma` are the
+    losses' standard errors (from repeated seeds), pooled over the parabola's points.
     """
     lr = np.asarray(lrs, dtype=float).ravel()
     loss = np.asarray(losses, dtype=float).ravel()
@@ -289,6 +295,7 @@ def best_lr_parabola(lrs: Sequence[float], losses: Sequence[float]) -> tuple[flo
         raise FitError(f"learning rates must be distinct and > 0, got {lr.tolist()}")
     order = np.argsort(lr)
     lr, loss = lr[order], loss[order]
+    sig = None if sigma is None else np.asarray(sigma, dtype=float).ravel()[order]
     finite = np.isfinite(loss)
     if finite.sum() < 3:
         raise FitError(f"only {int(finite.sum())} finite losses over learning rates "
@@ -303,38 +310,47 @@ def best_lr_parabola(lrs: Sequence[float], losses: Sequence[float]) -> tuple[flo
         raise FitError(f"the best learning rate {lr[-1]:.3g} is the largest in the grid, so "
                        "the optimum may lie above it; extend scaling.lr_grid upwards "
                        f"(e.g. add {lr[-1] * 3:.1e})")
-    x, y = np.log10(lr[finite]), loss[finite]
+    near = sorted(np.flatnonzero(finite), key=lambda j: (abs(j - i), j))
+    window = np.sort(near[:2 * neighbours + 1])
+    x, y = np.log10(lr[window]), loss[window]
     design = np.vander(x, 3)
     p, *_ = np.linalg.lstsq(design, y, rcond=None)
     p2, p1, p0 = (float(v) for v in p)
     if p2 <= 0:
-        raise FitError(f"the losses over learning rates {lr.tolist()} are not bowl-shaped "
-                       "(the parabola in log lr opens downwards), so there is no lr*; "
-                       "check the pilots or widen scaling.lr_grid")
+        raise FitError(f"the losses at learning rates {lr[window].tolist()} are not "
+                       "bowl-shaped (the parabola in log lr opens downwards), so there is no "
+                       "lr*; the pilots are too noisy for this grid: raise scaling.seeds or "
+                       "scaling.n_tokens")
     x_star = -p1 / (2 * p2)
     if not x.min() <= x_star <= x.max():
         raise FitError(f"the parabola's minimum lr = {10 ** x_star:.3g} lies outside the "
-                       f"finite-loss range [{10 ** x.min():.3g}, {10 ** x.max():.3g}]; "
-                       "refine scaling.lr_grid around the best learning rate")
+                       f"learning rates it was fitted on [{10 ** x.min():.3g}, "
+                       f"{10 ** x.max():.3g}]; refine scaling.lr_grid around the best learning "
+                       "rate (or lower scaling.parabola_neighbours)")
     yhat = design @ p
     n, dof = len(x), len(x) - 3
-    resid_sd = se = None
+    resid_sd = loss_se = None
     if dof > 0:
-        s2 = float(np.sum((y - yhat) ** 2)) / dof
-        resid_sd = math.sqrt(s2)
+        resid_sd = math.sqrt(float(np.sum((y - yhat) ** 2)) / dof)
+    if sig is not None and np.all(np.isfinite(sig[window])):
+        loss_se = math.sqrt(float(np.mean(sig[window] ** 2)))
+    noise = loss_se if loss_se is not None else resid_sd
+    se = None
+    if noise is not None:
         # Delta method on x* = -p1 / (2 p2).
-        cov = s2 * np.linalg.inv(design.T @ design)
+        cov = noise ** 2 * np.linalg.inv(design.T @ design)
         grad = np.array([p1 / (2 * p2 ** 2), -1 / (2 * p2), 0.0])
         se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
     info = {
         "coef": [p2, p1, p0],
+        "window_lrs": lr[window].tolist(),
         "log10_lr_star": x_star,
         "loss_at_lr_star": p2 * x_star ** 2 + p1 * x_star + p0,
         "best_grid_lr": float(lr[i]),
         "best_grid_loss": float(loss[i]),
-        "n_points": n,
         "r2": _r2(y, yhat, 3),
         "resid_sd": resid_sd,
+        "loss_se": loss_se,
         "log10_lr_star_se": se,
         "dropped_nonfinite_lrs": lr[~finite].tolist(),
     }

@@ -77,6 +77,39 @@ class _Step(torch.autograd.Function):
         return None, dtheta, None
 
 
+class _JumpReLUWithL0(torch.autograd.Function):
+    """Training fusion of the two above: (z H(z - theta), per-row count of H(z - theta)).
+
+    Its gradients are exactly those of `jumprelu` and of `step(...).sum(-1)` added, but the
+    mask and kernel over [batch, d_sae] are computed once instead of twice.
+    """
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        mask = z > theta
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * mask.to(z.dtype), mask.sum(-1, dtype=theta.dtype)
+
+    @staticmethod
+    def backward(ctx, g_f, g_l0):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        zt = z.to(theta.dtype)
+        dz = g_f * (zt > theta).to(g_f.dtype)
+        kernel = _rectangle((zt - theta) / eps)
+        # -(theta/eps) sum_b K g_f  -(1/eps) sum_b K g_l0
+        dtheta = -(theta / eps) * (kernel * g_f.to(theta.dtype)).sum(0)
+        if g_l0 is not None:
+            dtheta = dtheta - (g_l0.to(theta.dtype) @ kernel) / eps
+        return dz, dtheta, None
+
+
+def jumprelu_with_l0(z: torch.Tensor, theta: torch.Tensor, eps: float):
+    """(f, L0 per row) with Gemma Scope's straight-through gradients, in one pass."""
+    return _JumpReLUWithL0.apply(z, theta, eps)
+
+
 def jumprelu(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     return _JumpReLU.apply(z, theta, eps)
 
@@ -95,13 +128,14 @@ class SAE(nn.Module):
         if self.arch != "jumprelu" and cfg.k > d_sae:
             raise SaelabError(f"sae.k = {cfg.k} exceeds d_sae = {d_sae}; lower sae.k")
         # He-uniform in the math layout [d_in, d_sae] (fan_in = d_sae), then unit-norm atoms;
-        # the encoder starts as the decoder's transpose, biases at zero.
+        # the encoder starts as the decoder's transpose (scaled, see SAECfg), biases at zero.
         W = torch.empty(d_in, d_sae)
         nn.init.kaiming_uniform_(W, a=0.0, mode="fan_in", nonlinearity="relu")
         W_dec = W.t().contiguous()
         W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())
+        enc_scale = cfg.encoder_init_scale if self.arch == "jumprelu" else 1.0
+        self.W_enc = nn.Parameter(W_dec.t() * enc_scale)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         if self.arch == "jumprelu":

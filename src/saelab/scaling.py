@@ -1,9 +1,10 @@
 """The `fit_scaling_laws` stage: a pilot grid of small SAEs, scaling-law fits, the budget.
 
-Pilots: every d_sae in scaling.d_sae_grid x every lr in scaling.lr_grid, trained by the
-shared trainer with train_sae's recipe (short warm-ups, scaling.n_tokens tokens), all
-from the same seed, so every pilot sees the same batches in the same order and lr is the
-only thing that differs along a curve.
+Pilots: every d_sae in scaling.d_sae_grid x every lr in scaling.lr_grid x scaling.seeds
+seeds, trained by the shared trainer with train_sae's recipe (short warm-ups,
+scaling.n_tokens tokens). Pilots with the same seed see the same batches in the same
+order, so lr is the only thing that differs along a curve; the spread over seeds is the
+noise the fits' confidence intervals are built from.
 
 Held-out data: the last sae.eval_tokens vectors of the store. The store keeps corpus
 order, so they come from the last documents extracted (one document may straddle the
@@ -18,8 +19,9 @@ Reconstruction error alone would reward an lr that merely buys density; the obje
 is what the optimiser is asked to minimise, so its best lr is the one to carry over.
 The squared error is per token, so at E||x||^2 = 1 it is on the scale of the FVU.
 
-Fits (saelab.powerlaw), method `grid`: per size, lr* from a parabola in log lr; the loss
-law on each size's best trained loss; lr*(d_sae) as a power law. Method `two_step`
+Fits (saelab.powerlaw) on the mean over seeds, method `grid`: per size, lr* from a
+parabola in log lr around the best grid lr; the loss law on each size's best trained
+loss (its mean at the best grid lr); lr*(d_sae) as a power law. Method `two_step`
 (the seed's): the loss law through the two smallest sizes at one lr, lr* of the same two
 sizes, the lr law through them; any further sizes check the prediction.
 """
@@ -33,7 +35,6 @@ import math
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -49,7 +50,9 @@ from .errors import SaelabError
 from .powerlaw import Fit, FitError, best_lr_parabola, fit_loss_vs_size, fit_lr_vs_size
 from .runtime import resolve_device
 from .stage import run_stage
+from .store import ActivationStore
 from .tracking import log_artifact, log_metrics, nested_run
+from .train import train
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ LR_CSV = paths.SCALING_DIR / "lr_star_vs_size.csv"
 LOSS_PNG = paths.SCALING_DIR / "loss_vs_size.png"
 LR_CURVES_PNG = paths.SCALING_DIR / "lr_curves.png"
 LR_STAR_PNG = paths.SCALING_DIR / "lr_star_vs_size.png"
-PILOT_COLUMNS = ["d_sae", "lr", "status", "loss", "mse", "fvu", "l0", "dead_fraction",
+PILOT_COLUMNS = ["d_sae", "lr", "seed", "status", "loss", "mse", "fvu", "l0", "dead_fraction",
                  "tokens", "tokens_per_s", "seconds", "error"]
 
 
@@ -103,13 +106,10 @@ def train_batches(store, n_train: int, batch_size: int, seed: int) -> Iterator[t
             yield store.gather(np.sort(perm[j * batch_size:(j + 1) * batch_size]))
 
 
-def run_pilot(params: Params, d_sae: int, lr: float, store_dir: str,
+def run_pilot(params: Params, d_sae: int, lr: float, seed: int, store_dir: str,
               threads: int | None = None) -> dict[str, Any]:
     """Train one pilot and evaluate it on the held-out slice. A pilot the trainer stops
     (NaN/Inf) is a result, not a crash: status `diverged` and a NaN loss."""
-    from .store import ActivationStore
-    from .train import train
-
     if threads:
         torch.set_num_threads(threads)
     store = ActivationStore(store_dir)
@@ -117,16 +117,20 @@ def run_pilot(params: Params, d_sae: int, lr: float, store_dir: str,
     s = params.scaling
     n_train = heldout_split(store.n_tokens, params.sae.eval_tokens, s.batch_size)
     heldout = store.gather(np.arange(n_train, store.n_tokens))
-    row: dict[str, Any] = {"d_sae": d_sae, "lr": lr, "status": "ok", "error": "",
-                           "history": []}
+    row: dict[str, Any] = {"d_sae": d_sae, "lr": lr, "seed": seed, "status": "ok",
+                           "error": "", "history": []}
     t0 = time.perf_counter()
     try:
-        result = train(cfg, train_batches(store, n_train, s.batch_size, params.run.seed),
+        result = train(cfg, train_batches(store, n_train, s.batch_size, seed),
                        d_in=store.d, n_tokens=s.n_tokens, lr=lr,
-                       device=resolve_device(params), seed=params.run.seed,
+                       device=resolve_device(params), seed=seed,
                        eval_batches=iter(heldout.split(s.batch_size)),
                        eval_n_batches=math.ceil(len(heldout) / s.batch_size))
     except SaelabError as e:
+        # The trainer's NaN/Inf guard is a result; any other error is a set-up problem that
+        # every pilot would share, so it stops the stage with the trainer's message.
+        if "NaN/Inf" not in str(e):
+            raise
         row.update(status="diverged", loss=math.nan, error=str(e),
                    seconds=time.perf_counter() - t0)
         return row
@@ -146,9 +150,9 @@ PilotFn = Callable[..., dict[str, Any]]
 
 
 def _log_pilot(row: dict[str, Any], params: Params) -> None:
-    name = f"pilot d_sae={row['d_sae']} lr={row['lr']:.2e}"
-    spec = {"d_sae": row["d_sae"], "lr": row["lr"], "n_tokens": params.scaling.n_tokens,
-            "batch_size": params.scaling.batch_size, "seed": params.run.seed}
+    name = f"pilot d_sae={row['d_sae']} lr={row['lr']:.2e} seed={row['seed']}"
+    spec = {"d_sae": row["d_sae"], "lr": row["lr"], "seed": row["seed"],
+            "n_tokens": params.scaling.n_tokens, "batch_size": params.scaling.batch_size}
     with nested_run(name, spec, tags={"saelab.pilot": "true", "status": row["status"]}):
         for h in row.get("history", []):
             log_metrics({k: v for k, v in h.items() if k != "step"}, step=int(h["step"]))
@@ -159,16 +163,18 @@ def _log_pilot(row: dict[str, Any], params: Params) -> None:
 
 def run_grid(params: Params, store_dir: str | Path = paths.ACTIVATIONS_DIR,
              pilot_fn: PilotFn = run_pilot) -> list[dict[str, Any]]:
-    """Every (d_sae, lr) pilot, in `scaling.workers` processes; each logged as a nested run
-    (from this process, so all of them land under the stage's run)."""
+    """Every (d_sae, lr, seed) pilot, in `scaling.workers` processes; each logged as a nested
+    run (from this process, so all of them land under the stage's run)."""
     s = params.scaling
-    grid = [(d, lr) for d in sorted(set(s.d_sae_grid)) for lr in sorted(set(s.lr_grid))]
+    seeds = [params.run.seed + i for i in range(s.seeds)]
+    grid = [(d, lr, seed) for d in sorted(set(s.d_sae_grid)) for lr in sorted(set(s.lr_grid))
+            for seed in seeds]
     workers = min(s.workers, len(grid))
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(grid), desc="pilots", disable=None)
     if workers <= 1:
-        for d, lr in grid:
-            rows.append(pilot_fn(params, d, lr, str(store_dir)))
+        for d, lr, seed in grid:
+            rows.append(pilot_fn(params, d, lr, seed, str(store_dir)))
             _log_pilot(rows[-1], params)
             bar.update()
     else:
@@ -177,31 +183,59 @@ def run_grid(params: Params, store_dir: str | Path = paths.ACTIVATIONS_DIR,
         threads = max(1, (params.run.num_threads or os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [pool.submit(pilot_fn, params, d, lr, str(store_dir), threads)
-                       for d, lr in grid]
-            for fut in cf.as_completed(futures):
-                rows.append(fut.result())
-                _log_pilot(rows[-1], params)
-                bar.update()
+            futures = [pool.submit(pilot_fn, params, d, lr, seed, str(store_dir), threads)
+                       for d, lr, seed in grid]
+            try:
+                for fut in cf.as_completed(futures):
+                    rows.append(fut.result())
+                    _log_pilot(rows[-1], params)
+                    bar.update()
+            except BaseException:
+                # Do not sit through the rest of the grid after a failure or Ctrl-C.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     bar.close()
-    return sorted(rows, key=lambda r: (r["d_sae"], r["lr"]))
+    return sorted(rows, key=lambda r: (r["d_sae"], r["lr"], r["seed"]))
 
 
 # --- fits (pure) -----------------------------------------------------------------------
 
-def _per_size(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """lr curve of each size, its parabola lr* (or why there is none) and its best loss."""
+Means = dict[tuple[int, float], tuple[float, float]]
+
+
+def mean_losses(rows: Sequence[dict[str, Any]]) -> Means:
+    """(d_sae, lr) -> (mean loss over seeds, its standard error). A diverged seed makes the
+    mean NaN: an lr that diverges sometimes is not a safe optimum. The error is NaN with
+    fewer than two seeds."""
+    groups: dict[tuple[int, float], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["d_sae"], r["lr"]), []).append(r["loss"])
+    out = {}
+    for key, losses in groups.items():
+        v = np.asarray(losses, dtype=float)
+        if not np.all(np.isfinite(v)):
+            out[key] = (math.nan, math.nan)
+        else:
+            se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+            out[key] = (float(v.mean()), se)
+    return out
+
+
+def _per_size(table: Means, neighbours: int) -> list[dict[str, Any]]:
+    """lr curve of each size (means over seeds), its parabola lr* (or why there is none)
+    and its best loss."""
     out = []
-    for d in sorted({r["d_sae"] for r in rows}):
-        curve = sorted((r for r in rows if r["d_sae"] == d), key=lambda r: r["lr"])
-        lrs = [r["lr"] for r in curve]
-        losses = [r["loss"] for r in curve]
+    for d in sorted({d for d, _ in table}):
+        lrs = sorted(lr for dd, lr in table if dd == d)
+        losses = [table[(d, lr)][0] for lr in lrs]
+        ses = [table[(d, lr)][1] for lr in lrs]
         finite = [(lo, lr) for lo, lr in zip(losses, lrs) if math.isfinite(lo)]
-        entry: dict[str, Any] = {"d_sae": d, "lrs": lrs, "losses": losses,
+        entry: dict[str, Any] = {"d_sae": d, "lrs": lrs, "losses": losses, "loss_ses": ses,
                                  "best_loss": min(finite)[0] if finite else math.nan,
                                  "best_grid_lr": min(finite)[1] if finite else math.nan}
         try:
-            entry["lr_star"], entry["parabola"] = best_lr_parabola(lrs, losses)
+            entry["lr_star"], entry["parabola"] = best_lr_parabola(
+                lrs, losses, neighbours=neighbours, sigma=ses)
         except FitError as e:
             entry["error"] = str(e)
         out.append(entry)
@@ -209,12 +243,12 @@ def _per_size(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _sigmas(sizes: list[dict[str, Any]]) -> tuple[list[float] | None, list[float] | None]:
-    """Per-size errors of the best loss (spread of its lr curve around the parabola, which
-    also holds the parabola's misfit: conservative) and of ln lr*; None if any is unknown."""
-    sd = [e["parabola"]["resid_sd"] for e in sizes]
-    se = [e["parabola"]["log10_lr_star_se"] for e in sizes]
-    loss_sigma = None if any(v is None for v in sd) else sd
-    lr_sigma = None if any(v is None for v in se) else [math.log(10) * v for v in se]
+    """Per-size errors of the best loss (seed spread pooled over the parabola's points) and
+    of ln lr*; None when any size lacks one (then the fits resample residuals)."""
+    se = [e["parabola"]["loss_se"] for e in sizes]
+    lse = [e["parabola"]["log10_lr_star_se"] for e in sizes]
+    loss_sigma = None if any(v is None for v in se) else se
+    lr_sigma = None if any(v is None for v in lse) else [math.log(10) * v for v in lse]
     return loss_sigma, lr_sigma
 
 
@@ -235,36 +269,38 @@ def _fit_grid(sizes: list[dict[str, Any]], cfg: ScalingCfg, seed: int) -> tuple[
     return loss_fit, lr_fit
 
 
-def _two_step_lr(rows: Sequence[dict[str, Any]], pair: list[int], cfg: ScalingCfg) -> float:
+def _two_step_lr(means: Means, pair: list[int], cfg: ScalingCfg) -> float:
     """The one lr of the two-step loss law: scaling.two_step_lr, else the grid lr with the
     lowest summed loss over the two sizes."""
-    table = {(r["d_sae"], r["lr"]): r["loss"] for r in rows}
-    lrs = sorted({r["lr"] for r in rows})
+    lrs = sorted({lr for _, lr in means})
     if cfg.two_step_lr is not None:
         match = [lr for lr in lrs if math.isclose(lr, cfg.two_step_lr, rel_tol=1e-9)]
         if not match:
             raise FitError(f"scaling.two_step_lr = {cfg.two_step_lr} is not in "
                            f"scaling.lr_grid {lrs}; add it or set two_step_lr to null")
         return match[0]
-    sums = {lr: table[(pair[0], lr)] + table[(pair[1], lr)] for lr in lrs}
+    sums = {lr: means[(pair[0], lr)][0] + means[(pair[1], lr)][0] for lr in lrs}
     finite = {lr: v for lr, v in sums.items() if math.isfinite(v)}
     if not finite:
         raise FitError(f"every lr diverged at d_sae {pair}; lower scaling.lr_grid")
     return min(finite, key=finite.get)
 
 
-def _fit_two_step(rows, sizes, cfg: ScalingCfg, seed: int) -> tuple[Fit, Fit, float]:
+def _fit_two_step(means: Means, sizes: list[dict[str, Any]], cfg: ScalingCfg,
+                  seed: int) -> tuple[Fit, Fit, float]:
     if len(sizes) < 2:
         raise FitError(f"method two_step needs 2 sizes in scaling.d_sae_grid, got "
                        f"{[e['d_sae'] for e in sizes]}")
     pair = sizes[:2]
     _require_parabolas(pair)
     d = [e["d_sae"] for e in pair]
-    lr0 = _two_step_lr(rows, d, cfg)
-    table = {(r["d_sae"], r["lr"]): r["loss"] for r in rows}
-    loss_fit = fit_loss_vs_size(d, [table[(n, lr0)] for n in d], bootstrap=cfg.bootstrap,
-                                seed=seed)
-    lr_fit = fit_lr_vs_size(d, [e["lr_star"] for e in pair], bootstrap=cfg.bootstrap, seed=seed)
+    lr0 = _two_step_lr(means, d, cfg)
+    se = [means[(n, lr0)][1] for n in d]
+    loss_fit = fit_loss_vs_size(d, [means[(n, lr0)][0] for n in d],
+                                sigma=se if all(math.isfinite(v) for v in se) else None,
+                                bootstrap=cfg.bootstrap, seed=seed)
+    lr_fit = fit_lr_vs_size(d, [e["lr_star"] for e in pair], sigma_log=_sigmas(pair)[1],
+                            bootstrap=cfg.bootstrap, seed=seed)
     return loss_fit, lr_fit, lr0
 
 
@@ -300,13 +336,13 @@ def _holdout_grid(sizes: list[dict[str, Any]], cfg: ScalingCfg, seed: int) -> di
             **_check(loss_fit, lr_fit, last["d_sae"], last["best_loss"], last["lr_star"])}
 
 
-def _holdout_two_step(rows, sizes, loss_fit: Fit, lr_fit: Fit, lr0: float) -> dict[str, Any]:
+def _holdout_two_step(means: Means, sizes: list[dict[str, Any]], loss_fit: Fit, lr_fit: Fit,
+                      lr0: float) -> dict[str, Any]:
     rest = sizes[2:]
     if not rest:
         return {"status": "skipped", "reason": "no size beyond the two fitted ones"}
-    table = {(r["d_sae"], r["lr"]): r["loss"] for r in rows}
-    checks = [_check(loss_fit, lr_fit, e["d_sae"], table[(e["d_sae"], lr0)], e.get("lr_star"))
-              for e in rest]
+    checks = [_check(loss_fit, lr_fit, e["d_sae"], means[(e["d_sae"], lr0)][0],
+                     e.get("lr_star")) for e in rest]
     return {"status": "ok", "lr": lr0, "checks": checks}
 
 
@@ -335,12 +371,14 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
     data cannot support gives `status: degenerate` with the reason; the recommended lr
     then falls back to the best pilot's, and `recommended.source` says so.
     """
-    sizes = _per_size(rows)
+    means = mean_losses(rows)
+    sizes = _per_size(means, cfg.parabola_neighbours)
     result: dict[str, Any] = {
         "method": cfg.method,
         "loss_definition": "held-out training objective (squared error per token in the "
                            "normalised space + sparsity penalty at the final coefficient)",
         "pilot_tokens": cfg.n_tokens,
+        "seeds": cfg.seeds,
         "per_size": sizes,
     }
     targets = {"train_sae": d_sae, **({"budget": real_d_sae} if real_d_sae else {})}
@@ -349,9 +387,9 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
             loss_fit, lr_fit = _fit_grid(sizes, cfg, seed)
             holdout = _holdout_grid(sizes, cfg, seed)
         else:
-            loss_fit, lr_fit, lr0 = _fit_two_step(rows, sizes, cfg, seed)
+            loss_fit, lr_fit, lr0 = _fit_two_step(means, sizes, cfg, seed)
             result["two_step_lr"] = lr0
-            holdout = _holdout_two_step(rows, sizes, loss_fit, lr_fit, lr0)
+            holdout = _holdout_two_step(means, sizes, loss_fit, lr_fit, lr0)
     except FitError as e:
         fb = _fallback_lr(sizes)
         result.update(status="degenerate", reason=str(e), holdout={"status": "skipped"})
@@ -427,10 +465,11 @@ def _plot_lr_curves(result: dict[str, Any], path: Path) -> None:
                                logx=True)
     for i, e in enumerate(result["per_size"]):
         color = f"C{i % 10}"
-        ax.plot(e["lrs"], e["losses"], "o", color=color, label=f"d_sae={e['d_sae']}")
+        ax.plot(e["lrs"], e["losses"], "o:", color=color, lw=0.8, label=f"d_sae={e['d_sae']}")
         if "parabola" in e:
             p2, p1, p0 = e["parabola"]["coef"]
-            x = np.linspace(math.log10(min(e["lrs"])), math.log10(max(e["lrs"])), 100)
+            window = e["parabola"]["window_lrs"]  # drawn only where it was fitted
+            x = np.linspace(math.log10(window[0]), math.log10(window[-1]), 50)
             ax.plot(10 ** x, p2 * x ** 2 + p1 * x + p0, "-", color=color, alpha=0.6)
             ax.axvline(e["lr_star"], color=color, ls=":", alpha=0.8)
     ax.legend(fontsize=7)
@@ -477,11 +516,12 @@ def write_outputs(result: dict[str, Any], rows: Sequence[dict[str, Any]],
     out_dir.mkdir(parents=True, exist_ok=True)
     table = [{k: r.get(k, "") for k in PILOT_COLUMNS} for r in rows]
     written = {"pilots_csv": plots.write_csv(out_dir / PILOTS_CSV.name, table, PILOT_COLUMNS)}
-    if result["status"] == "ok":
-        for key, name, col in (("loss", LOSS_CSV.name, "loss"), ("lr", LR_CSV.name, "lr")):
-            pts = [{"d_sae": p["d_sae"], col: p["value"], "lo": p["lo"], "hi": p["hi"]}
-                   for p in result["curves"][key]]
-            written[f"{key}_csv"] = plots.write_csv(out_dir / name, pts)
+    # Written even without a fit (header only): DVC fails a stage that leaves an out missing.
+    curves = result.get("curves", {})
+    for key, name in (("loss", LOSS_CSV.name), ("lr", LR_CSV.name)):
+        pts = [{"d_sae": p["d_sae"], key: p["value"], "lo": p["lo"], "hi": p["hi"]}
+               for p in curves.get(key, [])]
+        written[f"{key}_csv"] = plots.write_csv(out_dir / name, pts, ["d_sae", key, "lo", "hi"])
     _plot_loss(result, rows, out_dir / LOSS_PNG.name)
     _plot_lr_curves(result, out_dir / LR_CURVES_PNG.name)
     _plot_lr_star(result, out_dir / LR_STAR_PNG.name)
@@ -509,20 +549,31 @@ def _summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
         for name, t in result["extrapolation"].items():
             out[f"predicted_loss_{name}"] = t["loss"]
         h = result["holdout"]
-        if "rel_gap" in h:
-            out["holdout_rel_gap"] = h["rel_gap"]
+        checks = h.get("checks") or ([h] if "rel_gap" in h else [])
+        if checks:  # the largest size the fit did not see
+            out["holdout_rel_gap"] = checks[-1]["rel_gap"]
+    return out
+
+
+def caveats(params: Params) -> list[str]:
+    """What the recommended lr does not account for, in words, for fit.json."""
+    s, sae = params.scaling, params.sae
+    out = [f"lr* was measured on pilots of {s.n_tokens} tokens; the best lr of a longer run "
+           "is often lower (the fit has no token axis)"]
+    if s.batch_size != sae.batch_size:
+        out.append(f"pilots use batch {s.batch_size} but train_sae uses sae.batch_size = "
+                   f"{sae.batch_size}; lr* depends on the batch size")
     return out
 
 
 def _run(params: Params) -> None:
-    from .store import ActivationStore
-
     budget = write_budget(params)
     ActivationStore(paths.ACTIVATIONS_DIR)  # a missing or unfinished store fails here, once
     rows = run_grid(params)
     result = fit_pilots(rows, params.scaling, d_sae=params.sae.d_sae,
                         n_tokens=int(budget["tokens"]), real_d_sae=params.budget.d_sae,
                         seed=params.run.seed)
+    result["recommended"]["caveats"] = caveats(params)
     written = write_outputs(result, rows)
     log_metrics(_summary_metrics(result))
     for p in (*written.values(), paths.BUDGET_JSON, paths.BUDGET_MD):

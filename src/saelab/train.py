@@ -26,7 +26,7 @@ from . import checkpoint
 from .config import SAECfg
 from .errors import SaelabError
 from .evals import reconstruction_metrics
-from .sae import SAE, auxk_decode, step
+from .sae import SAE, auxk_decode, jumprelu_with_l0
 from .schedules import l0_factor, lr_factor
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,16 @@ class _Objective(nn.Module):
     def forward(self, x: torch.Tensor, lam: float, dead: torch.Tensor | None, n_dead: int):
         sae, cfg = self.sae, self.sae.cfg
         z = sae.pre_acts(x)
-        f = sae.activate(z)
+        if sae.arch == "jumprelu":
+            # L0 through the step function's STE: its gradient reaches theta only.
+            f, l0_each = jumprelu_with_l0(z, sae.threshold, cfg.bandwidth)
+        else:
+            f = sae.activate(z)
         x_hat = sae.decode(f)
         resid = x - x_hat.float()
         recon = resid.pow(2).sum(-1).mean()
         loss = recon
         if sae.arch == "jumprelu":
-            # L0 through the step function's STE: its gradient reaches theta only.
-            l0_each = step(z, sae.threshold, cfg.bandwidth).float().sum(-1)
             if cfg.sparsity == "l0":
                 loss = loss + lam * l0_each.mean()
             else:
@@ -554,16 +556,20 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
     """(d_in, scale, data fingerprint, batches factory) for training straight from the model."""
     from . import paths
     from .corpus import iter_documents
-    from .extract import stream_activations, token_rows
+    from .extract import prefetch, stream_activations, token_rows
     from .hooks import hook_dim
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
     d_in = hook_dim(model.config, ex.hook)
+    if cfg.shuffle_buffer < cfg.batch_size // world:
+        raise SaelabError(f"sae.shuffle_buffer = {cfg.shuffle_buffer} is smaller than one batch "
+                          f"({cfg.batch_size // world} per process); raise it (>= 1M is advised)")
 
     def rows(my_share: bool) -> Iterator[np.ndarray]:
+        # Tokenizing runs in a background thread, overlapping the forward passes.
         texts = (text for _, text in iter_documents(paths.CORPUS_DIR, split="train"))
         it = token_rows(tokenizer, texts, ex.context_len)
-        return itertools.islice(it, rank, None, world) if my_share else it
+        return prefetch(itertools.islice(it, rank, None, world) if my_share else it)
 
     def acts(my_share: bool) -> Iterator[torch.Tensor]:
         for b in stream_activations(model, rows(my_share), layer=ex.layer, hook=ex.hook,

@@ -1,0 +1,210 @@
+"""Workspaces with a tiny params.yaml, and stage runs in them through the fork server."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from saelab.config import load_params, parse_params, to_dict
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample" / "spanish_novels_cligs.jsonl"
+
+# Small enough that a stage's work takes about a second on one busy core, big enough that
+# every stage has several shards / checkpoints / requests to be killed between.
+TINY: dict[str, dict[str, Any]] = {
+    "run": {"device": "cpu", "num_threads": 1, "seed": 0},
+    "data": {"max_docs": 40, "shard_docs": 10},
+    "extract": {"context_len": 32, "n_tokens": 8192, "batch_tokens": 512, "shard_tokens": 1024},
+    "sae": {"d_sae": 64, "lr": 1.0e-3, "n_tokens": 512 * 200, "batch_size": 512,
+            "checkpoint_every": 20, "log_every": 20, "eval_tokens": 1024,
+            "lr_warmup_steps": 10, "l0_warmup_steps": 50},
+    "interpret": {"n_latents": 8, "window": 8, "n_top": 6, "n_explain": 4, "n_quantiles": 2,
+                  "n_per_quantile": 2, "n_random": 4, "min_activations": 3,
+                  "examples_per_prompt": 4, "concurrency": 4, "max_retries": 3,
+                  "retry_base_s": 0.001, "timeout_s": 20.0},
+}
+# What a finished stage leaves in its outputs, per stage (the fault tests compare these).
+OUTPUTS = {
+    "extract_mlp8": ["data/activations"],
+    "train_sae": ["models/sae", "reports/train"],
+    "interpret": ["reports/interpret", "reports/interpret_metrics.json"],
+}
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_params(**sections: dict) -> dict:
+    """The repository's params.yaml (tiny profile) shrunk by TINY, plus `sections`."""
+    base = json.loads(json.dumps(to_dict(load_params(REPO / "params.yaml"))))
+    return merge(merge(base, TINY), sections)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tree(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `root` (or of `root` itself)."""
+    root = Path(root)
+    if root.is_file():
+        return {root.name: sha256(root)}
+    return {p.relative_to(root).as_posix(): sha256(p)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def temp_names(root: Path) -> list[str]:
+    """Files whose names say they were never finished (*.tmp, .tmp*, *.partial*)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if ".tmp" in p.name or ".partial" in p.name or p.name.startswith(".filler"))
+
+
+def base_env(home: Path) -> dict[str, str]:
+    """A clean environment: offline, no secrets, caches under `home`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in SECRET_ENV and not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(home / "hf"),
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               GIT_CEILING_DIRECTORIES=str(home.parent))
+    return env
+
+
+@dataclass
+class Run:
+    status: int
+    stdout: str
+    stderr: str
+    events: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+    network: str = ""
+
+    @property
+    def killed(self) -> bool:
+        return self.status == -signal.SIGKILL
+
+    def ok(self) -> "Run":
+        assert self.status == 0, f"exit {self.status}\n{self.stderr[-6000:]}"
+        return self
+
+
+class ForkServer:
+    """The client side of forkserver.py: one job at a time."""
+
+    def __init__(self, env: dict[str, str], cwd: Path):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                     cwd=cwd, text=True, bufsize=1)
+        assert self._read(300).get("ready"), "fork server did not start"
+
+    def _read(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"no answer from the fork server in {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, job: dict, timeout: float) -> int:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        pid = self._read(30)["pid"]
+        try:
+            return self._read(timeout)["status"]
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            self._read(30)
+            raise
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+class Workspace:
+    """A directory laid out like the repository (stages/, dvc.yaml, the sample, params.yaml)
+    that the stages run in; its own mlflow.db unless a tracking URI is given."""
+
+    def __init__(self, root: Path, server: ForkServer, env: dict[str, str]):
+        self.root, self.server, self.env = Path(root), server, dict(env)
+        self.runs = 0
+
+    @classmethod
+    def create(cls, root: Path, server: ForkServer, env: dict[str, str],
+               params: dict) -> "Workspace":
+        root = Path(root)
+        (root / "data" / "sample").mkdir(parents=True)
+        os.symlink(REPO / "stages", root / "stages")
+        os.symlink(SAMPLE, root / "data" / "sample" / SAMPLE.name)
+        shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+        ws = cls(root, server, env)
+        ws.write_params(params)
+        return ws
+
+    def clone(self, root: Path, *inputs: str, env: dict[str, str] | None = None) -> "Workspace":
+        """A new workspace holding hard links to `inputs` (read-only for the stages: they
+        replace files, never write into them)."""
+        ws = Workspace.create(root, self.server, env or self.env, self.params())
+        for rel in inputs:
+            src, dst = self.root / rel, ws.root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, copy_function=os.link)
+            else:
+                os.link(src, dst)
+        return ws
+
+    def params(self) -> dict:
+        return json.loads(json.dumps(to_dict(load_params(self.root / "params.yaml"))))
+
+    def write_params(self, params: dict, validate: bool = True) -> None:
+        if validate:
+            parse_params(params)
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False),
+                                               encoding="utf-8")
+
+    def update_params(self, **sections: dict) -> None:
+        self.write_params(merge(self.params(), sections))
+
+    def run(self, stage: str, *, env: dict[str, str] | None = None, events=(),
+            fault: dict | None = None, no_network: bool = False, timeout: float = 180) -> Run:
+        self.runs += 1
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        stem = logs / f"{self.runs:02d}-{stage}"
+        job = {"script": f"stages/{stage}.py", "cwd": str(self.root),
+               "env": {**self.env, **(env or {})},
+               "stdout": f"{stem}.out", "stderr": f"{stem}.err",
+               "events": list(events), "fault": fault,
+               "events_file": f"{stem}.events.json", "note_file": f"{stem}.note",
+               "net_file": f"{stem}.net" if no_network else None}
+        job["env"] = {k: v for k, v in job["env"].items() if v is not None}
+        t0 = time.perf_counter()
+        status = self.server.run(job, timeout)
+        read = lambda p: Path(p).read_text(errors="replace") if Path(p).exists() else ""  # noqa: E731
+        run = Run(status, read(job["stdout"]), read(job["stderr"]),
+                  json.loads(read(job["events_file"]) or "{}"), read(job["note_file"]),
+                  read(job["net_file"]) if no_network else "")
+        (Path(f"{stem}.time")).write_text(f"{time.perf_counter() - t0:.2f}\n")
+        return run
