@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=976)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lr-warmup", type=int, default=50)
     ap.add_argument("--l0-warmup", type=int, default=200)
     ap.add_argument("--l0-coeff", type=float, default=0.03)

@@ -117,8 +117,8 @@ def test_missing_layer_or_hook_is_named(model):
 
 
 def test_pack_rows_bos_eos_no_padding():
-    docs = [np.array([70000, 5, 6, EOS_ID], np.uint32), np.array([7, 128255 - 1, EOS_ID], np.uint32),
-            np.array([9, 10, 11, 12, 13, EOS_ID], np.uint32)]
+    docs = [np.array(d, np.uint32) for d in
+            ([70000, 5, 6, EOS_ID], [7, 128254, EOS_ID], [9, 10, 11, 12, 13, EOS_ID])]
     rows = list(pack_rows(iter(docs), 5, BOS_ID))
     assert [r.tolist() for r in rows] == [
         [BOS_ID, 70000, 5, 6, EOS_ID], [BOS_ID, 7, 128254, EOS_ID, 9], [BOS_ID, 10, 11, 12, 13]]

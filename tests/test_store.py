@@ -102,8 +102,7 @@ def test_writer_resume_is_byte_identical(tmp_path, stop_after):
     # 60 vectors per batch, 100 per shard: a shard is complete after two batches
     assert (tmp_path / "s/manifest.partial.json").exists() == (stop_after >= 2)
     resumed, _ = write(tmp_path / "s")  # a new writer picks up the partial store
-    strip = lambda m: [m["rows"]] + m["shards"]  # noqa: E731
-    assert strip(resumed) == strip(ref)
+    assert [resumed["rows"]] + resumed["shards"] == [ref["rows"]] + ref["shards"]
 
 
 def test_other_fingerprint_restarts(tmp_path):
@@ -187,3 +186,13 @@ def test_missing_or_incomplete_store(tmp_path):
     write(tmp_path / "s", stop_after=3)
     with pytest.raises(SaelabError, match="incomplete.*dvc repro extract_mlp8"):
         ActivationStore(tmp_path / "s")
+
+
+def test_shards_smaller_than_a_row(tmp_path):
+    m, all_batches = write(tmp_path / "s", shard_tokens=7)  # several shards end in one row
+    s = ActivationStore(tmp_path / "s")
+    assert s.num_shards == -(-N_TOKENS // 7) and s.rows().shape == (N_ROWS, CTX)
+    assert s.verify() == []
+    acts = torch.cat([s.activations_f32(i) for i in range(s.num_shards)])
+    assert torch.equal(acts, torch.from_numpy(np.concatenate([b[2] for b in all_batches])
+                                              [:N_TOKENS]))

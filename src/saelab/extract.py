@@ -375,10 +375,6 @@ def _write(writer: StoreWriter, event, first_row, block, acts, token_ids, index,
 
 # --- the stage -------------------------------------------------------------------------
 
-def _file_sha(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
                 corpus_dir: Path = paths.CORPUS_DIR, out_dir: Path = paths.ACTIVATIONS_DIR,
                 model_json: Path = paths.MODEL_JSON) -> dict[str, Any]:
@@ -387,7 +383,8 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
     from .corpus import iter_documents, read_manifest
     from .runtime import compute_dtype, resolve_device
 
-    estimate = read_manifest(corpus_dir)["tokens_estimate"]["train"]
+    corpus = read_manifest(corpus_dir)
+    estimate = corpus["tokens_estimate"]["train"]
     if estimate < params.extract.n_tokens:
         log.warning("the corpus holds an estimated %d training tokens, fewer than "
                     "extract.n_tokens = %d: extraction will likely run out (raise "
@@ -398,13 +395,14 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype,
                                   attn_implementation=params.extract.attn_implementation)
     info = json.loads(Path(model_json).read_text()) if Path(model_json).is_file() else {}
-    inputs = {"model": info or model.config.to_dict(),
-              "corpus_manifest": _file_sha(Path(corpus_dir) / "manifest.json")}
+    corpus_id = {"dir": Path(corpus_dir).as_posix(), "source": corpus.get("source"),
+                 "manifest_sha256": hashlib.sha256(
+                     (Path(corpus_dir) / "manifest.json").read_bytes()).hexdigest()}
     texts = (text for _, text in iter_documents(corpus_dir, split="train"))
     return extract_store(model, tokenizer, texts, params.extract, out_dir, device=device,
-                         inputs=inputs, meta={"model": info.get("name", params.model.name),
-                                              "revision": info.get("revision"),
-                                              "corpus": str(corpus_dir)})
+                         inputs={"model": info or model.config.to_dict(), "corpus": corpus_id},
+                         meta={"model": info.get("name", params.model.name),
+                               "revision": info.get("revision"), "corpus": corpus_id})
 
 
 def _run(params: Params) -> None:

@@ -80,28 +80,28 @@ class _Step(torch.autograd.Function):
 class _JumpReLUWithL0(torch.autograd.Function):
     """Training fusion of the two above: (z H(z - theta), per-row count of H(z - theta)).
 
-    Its gradients are exactly those of `jumprelu` and of `step(...).sum(-1)` added, but the
-    mask and kernel over [batch, d_sae] are computed once instead of twice.
+    Its gradients are exactly those of `jumprelu` and of `step(...).sum(-1)` added, but
+    the [batch, d_sae] mask and kernel are computed once, and without float copies of them.
     """
 
     @staticmethod
     def forward(ctx, z, theta, eps):
-        mask = z > theta
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return z * mask.to(z.dtype), mask.sum(-1, dtype=theta.dtype)
+        f = torch.where(z > theta, z, 0.0)
+        return f, torch.count_nonzero(f, dim=-1).to(theta.dtype)
 
     @staticmethod
     def backward(ctx, g_f, g_l0):
         z, theta = ctx.saved_tensors
         eps = ctx.eps
-        zt = z.to(theta.dtype)
-        dz = g_f * (zt > theta).to(g_f.dtype)
-        kernel = _rectangle((zt - theta) / eps)
-        # -(theta/eps) sum_b K g_f  -(1/eps) sum_b K g_l0
-        dtheta = -(theta / eps) * (kernel * g_f.to(theta.dtype)).sum(0)
+        dz = torch.where(z > theta, g_f, 0.0)
+        in_window = (z.to(theta.dtype) - theta).abs_() < 0.5 * eps  # rectangle kernel K
+        # dL/dtheta = -(1/eps) sum_b K (theta g_f + g_l0)
+        per_elem = g_f.to(theta.dtype) * theta
         if g_l0 is not None:
-            dtheta = dtheta - (g_l0.to(theta.dtype) @ kernel) / eps
+            per_elem = per_elem + g_l0.to(theta.dtype).unsqueeze(-1)
+        dtheta = torch.where(in_window, per_elem, 0.0).sum(0).div_(-eps)
         return dz, dtheta, None
 
 

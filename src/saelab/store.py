@@ -242,7 +242,8 @@ class StoreWriter:
     # --- writing -----------------------------------------------------------------------
 
     def _shard_size(self, k: int) -> int:
-        return min(self.header["shard_tokens"], self.header["n_tokens"] - k * self.header["shard_tokens"])
+        size = self.header["shard_tokens"]
+        return min(size, self.header["n_tokens"] - k * size)
 
     def _open_shard(self) -> None:
         k, n = len(self.shards), self._shard_size(len(self.shards))
@@ -291,10 +292,11 @@ class StoreWriter:
 
     def _rows(self, lo: int, hi: int) -> np.ndarray:
         parts = [b[max(lo - r, 0):hi - r] for r, b in self._pending if r < hi and r + len(b) > lo]
-        out = np.concatenate(parts) if parts else np.zeros((0, self.header["context_len"]), np.uint32)
-        if len(out) != hi - lo:
+        if sum(len(p) for p in parts) != hi - lo:
             raise RuntimeError(f"rows {lo}..{hi} were not all forwarded")
-        return out
+        # empty when the whole shard lies in the row where the previous one ended
+        return np.concatenate(parts) if parts else np.zeros((0, self.header["context_len"]),
+                                                            np.uint32)
 
     def abort(self) -> None:
         """Drop the shard being written; finished shards stay for the next run."""
@@ -534,7 +536,8 @@ class ActivationStore:
                     problems.append(f"{files['tokens']['file']}: ids differ from rows.npy at "
                                     "their index")
         if total != self.n_tokens:
-            problems.append(f"shards hold {total} vectors, manifest says n_tokens = {self.n_tokens}")
+            problems.append(f"shards hold {total} vectors, manifest says n_tokens = "
+                            f"{self.n_tokens}")
         return problems
 
     def _check_file(self, entry: dict[str, Any], dtype: np.dtype, shape: tuple[int, ...],

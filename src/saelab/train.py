@@ -255,13 +255,13 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
                 if world > 1:
                     dist.all_reduce(sae.batch_threshold)
                     sae.batch_threshold /= world
-            fired = f > 0
             ok = torch.isfinite(loss) & torch.isfinite(gnorm)
             st["first_bad"] = torch.where(ok | (st["first_bad"] >= 0), st["first_bad"],
                                           torch.full_like(st["first_bad"], s))
-            st["win_counts"] += fired.sum(0)
+            fired = torch.count_nonzero(f, dim=0)  # per latent; their sum / batch is L0
+            st["win_counts"] += fired
             st["win"] += torch.stack([loss.detach().double(), recon.double(),
-                                      fired.sum(-1).double().mean(),
+                                      fired.sum().double() / len(f),
                                       (x - x.mean(0)).pow(2).sum(-1).mean().double(),
                                       torch.ones((), dtype=torch.float64, device=device)])
         st["step"] = s + 1

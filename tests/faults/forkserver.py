@@ -30,8 +30,9 @@ import threading
 import traceback
 
 PRELOAD = ("torch", "numpy", "pyarrow.parquet", "datasets", "transformers", "safetensors.torch",
-           "mlflow", "openai", "tqdm", "saelab.stage", "saelab.base_model", "saelab.corpus",
-           "saelab.extract", "saelab.train", "saelab.interpret.stage")
+           "mlflow", "mlflow.store.tracking.sqlalchemy_store", "openai", "tqdm",
+           "saelab.stage", "saelab.base_model", "saelab.corpus", "saelab.extract",
+           "saelab.train", "saelab.interpret.stage")
 
 # event name -> (module, attribute path of the function to wrap)
 EVENTS = {

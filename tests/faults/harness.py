@@ -149,6 +149,7 @@ class Workspace:
     def __init__(self, root: Path, server: ForkServer, env: dict[str, str]):
         self.root, self.server, self.env = Path(root), server, dict(env)
         self.runs = 0
+        self.reference: Run | None = None  # the uninterrupted run, where a fixture made one
 
     @classmethod
     def create(cls, root: Path, server: ForkServer, env: dict[str, str],
@@ -163,17 +164,21 @@ class Workspace:
         return ws
 
     def clone(self, root: Path, *inputs: str, env: dict[str, str] | None = None) -> "Workspace":
-        """A new workspace holding hard links to `inputs` (read-only for the stages: they
-        replace files, never write into them)."""
+        """A new workspace with this one's params and hard links to its `inputs`."""
         ws = Workspace.create(root, self.server, env or self.env, self.params())
+        ws.link(self, *inputs)
+        return ws
+
+    def link(self, other: "Workspace", *inputs: str) -> None:
+        """Hard links to `other`'s files: the stages replace files, never write into them,
+        so an input shared this way cannot be changed by a run here."""
         for rel in inputs:
-            src, dst = self.root / rel, ws.root / rel
+            src, dst = other.root / rel, self.root / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if src.is_dir():
                 shutil.copytree(src, dst, copy_function=os.link)
             else:
                 os.link(src, dst)
-        return ws
 
     def params(self) -> dict:
         return json.loads(json.dumps(to_dict(load_params(self.root / "params.yaml"))))
