@@ -162,8 +162,11 @@ class SAE(nn.Module):
         raise AttributeError("a TopK SAE has no threshold")
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        # addmm fuses the bias into the matmul; leading dims (batch, position) are flattened.
-        z = torch.addmm(self.b_enc, (x - self.b_dec).reshape(-1, self.d_in), self.W_enc)
+        # (x - b_dec) W_enc + b_enc, written x W_enc + (b_enc - b_dec W_enc) so that no
+        # gradient flows into the [batch, d_in] input: that saves backward a whole matmul
+        # (b_dec's gradient through the encoder becomes a vector-matrix product).
+        bias = self.b_enc - self.b_dec @ self.W_enc
+        z = torch.addmm(bias, x.reshape(-1, self.d_in), self.W_enc)
         return z.view(*x.shape[:-1], self.d_sae)
 
     def activate(self, z: torch.Tensor) -> torch.Tensor:
@@ -207,13 +210,11 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def update_batch_threshold(self, f: torch.Tensor, rate: float = 0.01) -> None:
-        """BatchTopK: track the smallest activation that batch top-k kept."""
-        pos = f[f > 0]
-        if pos.numel():
-            m = pos.min().double()
-            first = self.batch_threshold == 0
-            self.batch_threshold.copy_(torch.where(first, m, (1 - rate) * self.batch_threshold
-                                                   + rate * m))
+        """BatchTopK: EMA of the smallest activation batch top-k kept (no host sync)."""
+        m = torch.where(f > 0, f, float("inf")).min().double()
+        t = self.batch_threshold
+        new = torch.where(t == 0, m, (1 - rate) * t + rate * m)
+        t.copy_(torch.where(torch.isfinite(m), new, t))
 
 
 def _batch_topk(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -221,6 +222,18 @@ def _batch_topk(z: torch.Tensor, k: int) -> torch.Tensor:
     flat = z.relu().flatten()
     vals, idx = flat.topk(k * z.shape[0], sorted=False)
     return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(z)
+
+
+def topk_decode(sae: SAE, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TopK forward for training: (x_hat, indices, values) without a dense [batch, d_sae] f.
+
+    The decoder reads only the k chosen atoms per token (embedding_bag), so the decoder's
+    forward and backward cost batch * k * d_in instead of two dense matmuls.
+    """
+    vals, idx = z.topk(sae.cfg.k, dim=-1, sorted=False)
+    vals = vals.relu().to(sae.W_dec.dtype)
+    x_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+    return x_hat, idx, vals
 
 
 def auxk_decode(sae: SAE, z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from . import checkpoint
 from .config import SAECfg
 from .errors import SaelabError
 from .evals import reconstruction_metrics
-from .sae import SAE, auxk_decode, jumprelu_with_l0
+from .sae import SAE, auxk_decode, jumprelu_with_l0, topk_decode
 from .schedules import l0_factor, lr_factor
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,19 @@ class _Objective(nn.Module):
     def forward(self, x: torch.Tensor, lam: float, dead: torch.Tensor | None, n_dead: int):
         sae, cfg = self.sae, self.sae.cfg
         z = sae.pre_acts(x)
-        if sae.arch == "jumprelu":
-            # L0 through the step function's STE: its gradient reaches theta only.
-            f, l0_each = jumprelu_with_l0(z, sae.threshold, cfg.bandwidth)
+        f = None
+        if sae.arch == "topk":
+            x_hat, idx, vals = topk_decode(sae, z)
+            counts = torch.bincount(idx.flatten(), weights=(vals > 0).flatten().float(),
+                                    minlength=sae.d_sae)
         else:
-            f = sae.activate(z)
-        x_hat = sae.decode(f)
+            if sae.arch == "jumprelu":
+                # L0 through the step function's STE: its gradient reaches theta only.
+                f, l0_each = jumprelu_with_l0(z, sae.threshold, cfg.bandwidth)
+            else:
+                f = sae.activate(z)
+            x_hat = sae.decode(f)
+            counts = torch.count_nonzero(f, dim=0)
         resid = x - x_hat.float()
         recon = resid.pow(2).sum(-1).mean()
         loss = recon
@@ -76,7 +83,8 @@ class _Objective(nn.Module):
             e_hat = auxk_decode(sae, z, dead, min(cfg.aux_k, n_dead)).float()
             aux = (e_hat - resid.detach()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
             loss = loss + cfg.aux_coeff * min(n_dead / cfg.aux_k, 1.0) * aux
-        return loss, recon.detach(), f.detach()
+        # Firing counts per latent (their sum / batch is L0); f only where the caller needs it.
+        return loss, recon.detach(), counts, f.detach() if sae.arch == "batchtopk" else None
 
 
 def _dist() -> tuple[int, int]:
@@ -238,7 +246,7 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         lam = cfg.l0_coeff * l0_factor(s, cfg)
 
         with autocast:
-            loss, recon, f = objective(x, lam, st["dead"], st["n_dead"] if use_aux else 0)
+            loss, recon, fired, f = objective(x, lam, st["dead"], st["n_dead"] if use_aux else 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grad()
@@ -258,10 +266,9 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
             ok = torch.isfinite(loss) & torch.isfinite(gnorm)
             st["first_bad"] = torch.where(ok | (st["first_bad"] >= 0), st["first_bad"],
                                           torch.full_like(st["first_bad"], s))
-            fired = torch.count_nonzero(f, dim=0)  # per latent; their sum / batch is L0
             st["win_counts"] += fired
             st["win"] += torch.stack([loss.detach().double(), recon.double(),
-                                      fired.sum().double() / len(f),
+                                      fired.sum().double() / len(x),
                                       (x - x.mean(0)).pow(2).sum(-1).mean().double(),
                                       torch.ones((), dtype=torch.float64, device=device)])
         st["step"] = s + 1
@@ -439,8 +446,13 @@ def _run(params) -> None:
         d_in, scale, data_fp = store.d, store.scale, store.manifest["fingerprint"]
 
         def make_batches(start: int) -> Iterator[torch.Tensor]:
-            return store.iter_batches(cfg.batch_size, seed=seed, start_batch=start, rank=rank,
-                                      world_size=world)
+            from .extract import prefetch
+
+            # Gathering from the memmap (and pinning, for async copies to the GPU) runs in
+            # a background thread while the device trains on the previous batch.
+            it = store.iter_batches(cfg.batch_size, seed=seed, start_batch=start, rank=rank,
+                                    world_size=world)
+            return prefetch((b.pin_memory() for b in it) if device.type == "cuda" else it)
         source = "store"
 
     heldout_rows = _heldout_rows(params, tokenizer) if have_model else []

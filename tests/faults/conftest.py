@@ -44,22 +44,24 @@ class CountingServer(FakeOpenAI):
     a request is not answered (so not paid), as a real API stops work for a closed
     connection only at best; counting it would blame the client for the server's choice.
     `delivered` maps each answer's id to its request, to tell which answers a killed
-    client had cached.
+    client had cached. `inject(body, attempt)` returns an error status to inject, or None.
     """
 
     def __init__(self, responder):
         self._local = threading.local()
+        self.auth: set[str | None] = set()  # Authorization headers seen
         super().__init__(responder)
         self.delivered: dict[str, str] = {}
         self.inject = lambda body, attempt: None
         self.fail = self._fail
 
     def _handler(self):
-        base, local = super()._handler(), self._local
+        base, local, auth = super()._handler(), self._local, self.auth
 
         class Handler(base):
             def do_POST(self):
                 local.conn = self.connection
+                auth.add(self.headers.get("Authorization"))
                 super().do_POST()
 
         return Handler

@@ -29,10 +29,12 @@ import sys
 import threading
 import traceback
 
-PRELOAD = ("torch", "numpy", "pyarrow.parquet", "datasets", "transformers", "safetensors.torch",
-           "mlflow", "mlflow.store.tracking.sqlalchemy_store", "openai", "tqdm",
-           "saelab.stage", "saelab.base_model", "saelab.corpus", "saelab.extract",
-           "saelab.train", "saelab.interpret.stage")
+# saelab first: what it sets up at import (environment defaults) must precede the
+# libraries' own import-time decisions, as in a fresh `python stages/<name>.py`.
+PRELOAD = ("saelab.stage", "saelab.base_model", "saelab.corpus", "saelab.extract",
+           "saelab.train", "saelab.interpret.stage", "torch", "numpy", "pyarrow.parquet",
+           "datasets", "transformers", "safetensors.torch", "mlflow",
+           "mlflow.store.tracking.sqlalchemy_store", "openai", "tqdm")
 
 # event name -> (module, attribute path of the function to wrap)
 EVENTS = {

@@ -1,6 +1,7 @@
 """Workspaces with a tiny params.yaml, and stage runs in them through the fork server."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -13,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -78,6 +79,36 @@ def temp_names(root: Path) -> list[str]:
         return []
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                   if ".tmp" in p.name or ".partial" in p.name or p.name.startswith(".filler"))
+
+
+def without(d: dict, keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def _json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# What two runs of a stage may differ in by nature: timings, and what a resumed run found
+# already done (store shards) or paid for (interpret's cost block and the index page that
+# prints it).
+def store_signature(root: Path) -> dict:
+    store = Path(root) / "data/activations"
+    return {"files": without(tree(store), ["manifest.json"]),
+            "manifest": without(_json(store / "manifest.json"),
+                                ("tokens_per_s", "elapsed_s", "resumed_shards"))}
+
+
+def train_signature(root: Path) -> dict:
+    root = Path(root)
+    return {"sae": tree(root / "models/sae"), "curves": tree(root / "reports/train/curves.csv"),
+            "metrics": without(_json(root / "reports/train/metrics.json"), ["tokens_per_s"])}
+
+
+def interpret_signature(root: Path) -> dict:
+    root = Path(root)
+    return {"files": without(tree(root / "reports/interpret"), ["index.html"]),
+            "metrics": without(_json(root / "reports/interpret_metrics.json"), ["cost"])}
 
 
 def base_env(home: Path) -> dict[str, str]:
@@ -213,3 +244,43 @@ class Workspace:
                   read(job["net_file"]) if no_network else "")
         (Path(f"{stem}.time")).write_text(f"{time.perf_counter() - t0:.2f}\n")
         return run
+
+
+def _mount(*args: str) -> None:
+    out = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if out.returncode:
+        import pytest
+
+        pytest.skip(f"cannot mount here ({out.stderr.strip()}); needs root with CAP_SYS_ADMIN")
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small file system of `size` mounted at `path` for the duration."""
+    path.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """`path` read-only for everyone: a read-only bind mount as root (root ignores file
+    modes), chmod otherwise."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)
+        return
+    _mount("--bind", str(path), str(path))
+    try:
+        _mount("-o", "remount,bind,ro", str(path))
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
