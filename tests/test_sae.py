@@ -69,11 +69,13 @@ def test_fused_training_op_equals_the_two_estimators(theta_param):
         param = sae.log_threshold if theta_param == "log" else sae.raw_threshold
         return f.detach(), l0.detach(), zz.grad, param.grad
 
-    fused = grads(lambda zz: jumprelu_with_l0(zz, sae.threshold, EPS))
+    fused = grads(lambda zz: jumprelu_with_l0(zz, sae.threshold, EPS)[:2])
     apart = grads(lambda zz: (jumprelu(zz, sae.threshold, EPS),
                               step(zz, sae.threshold, EPS).sum(-1)))
     for a, b in zip(fused, apart):
         torch.testing.assert_close(a, b)
+    counts = jumprelu_with_l0(z, sae.threshold, EPS)[2]
+    assert torch.equal(counts, (z > sae.threshold).sum(0).double())
 
 
 @pytest.mark.parametrize("theta_param", ["log", "raw"])

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 FILE = "checkpoint.pt"
@@ -43,12 +45,8 @@ def save(ckpt_dir: Path, state: dict[str, Any]) -> Path:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / FILE
-    tmp = ckpt_dir / f".{FILE}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
     return path
 
 

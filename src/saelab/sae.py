@@ -78,35 +78,38 @@ class _Step(torch.autograd.Function):
 
 
 class _JumpReLUWithL0(torch.autograd.Function):
-    """Training fusion of the two above: (z H(z - theta), per-row count of H(z - theta)).
+    """Training fusion of the two above: z H(z - theta), its per-row count (L0) and, not
+    differentiable, its per-latent count over the batch (firing statistics).
 
-    Its gradients are exactly those of `jumprelu` and of `step(...).sum(-1)` added, but
-    the [batch, d_sae] mask and kernel are computed once, and without float copies of them.
+    Its gradients are exactly those of `jumprelu` and of `step(...).sum(-1)` added, but the
+    [batch, d_sae] mask and kernel are built once each and reused in place: every fresh
+    tensor of that size costs a memory pass (and, on CPU, page faults), so there are few.
     """
 
     @staticmethod
     def forward(ctx, z, theta, eps):
-        ctx.save_for_backward(z, theta)
+        mask = (z > theta).to(z.dtype)
+        ctx.save_for_backward(z, theta, mask)
         ctx.eps = eps
-        f = torch.where(z > theta, z, 0.0)
-        return f, torch.count_nonzero(f, dim=-1).to(theta.dtype)
+        counts = mask.sum(0, dtype=theta.dtype)
+        ctx.mark_non_differentiable(counts)
+        return z * mask, mask.sum(-1, dtype=theta.dtype), counts
 
     @staticmethod
-    def backward(ctx, g_f, g_l0):
-        z, theta = ctx.saved_tensors
+    def backward(ctx, g_f, g_l0, _g_counts):
+        z, theta, mask = ctx.saved_tensors
         eps = ctx.eps
-        dz = torch.where(z > theta, g_f, 0.0)
-        in_window = (z.to(theta.dtype) - theta).abs_() < 0.5 * eps  # rectangle kernel K
-        # dL/dtheta = -(1/eps) sum_b K (theta g_f + g_l0)
-        per_elem = g_f.to(theta.dtype) * theta
-        if g_l0 is not None:
-            per_elem = per_elem + g_l0.to(theta.dtype).unsqueeze(-1)
-        dtheta = torch.where(in_window, per_elem, 0.0).sum(0).div_(-eps)
-        return dz, dtheta, None
+        # Rectangle kernel K((z - theta)/eps) as 0/1 floats, built in place.
+        kernel = (z.to(theta.dtype) - theta).abs_().lt_(0.5 * eps)
+        # dL/dtheta = -(1/eps) [theta sum_b K g_f + sum_b K g_l0]
+        from_l0 = g_l0.to(theta.dtype) @ kernel if g_l0 is not None else 0.0
+        dtheta = (theta * kernel.mul_(g_f).sum(0) + from_l0) / -eps
+        return g_f * mask, dtheta, None
 
 
 def jumprelu_with_l0(z: torch.Tensor, theta: torch.Tensor, eps: float):
-    """(f, L0 per row) with Gemma Scope's straight-through gradients, in one pass."""
+    """(f, L0 per row, firing count per latent) with Gemma Scope's straight-through
+    gradients, in one pass."""
     return _JumpReLUWithL0.apply(z, theta, eps)
 
 

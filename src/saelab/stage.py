@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -29,8 +30,14 @@ def run_stage(stage: str, body: Callable[[Params], None], params_path: str = "pa
         log.error("%s failed: %s", stage, e)
         sys.exit(2)
     except OSError as e:
-        if getattr(e, "errno", None) == 28:  # ENOSPC
-            log.error("%s failed: the disk is full (%s). Free space or point the output "
-                      "elsewhere, then rerun; finished shards/checkpoints are kept.", stage, e)
+        if e.errno == errno.ENOSPC:
+            log.error("%s failed: the disk is full writing %s. Free space or point the output "
+                      "elsewhere, then rerun; finished shards/checkpoints are kept.",
+                      stage, e.filename or "the output")
             sys.exit(3)
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            log.error("%s failed: cannot write %s (%s). Make it writable (permissions, "
+                      "read-only mounts), then rerun; finished shards/checkpoints are kept.",
+                      stage, e.filename or "the output", e.strerror)
+            sys.exit(4)
         raise

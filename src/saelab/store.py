@@ -33,6 +33,7 @@ from typing import Any, Collection, Iterator
 import numpy as np
 import torch
 
+from . import atomic
 from . import paths
 from .errors import SaelabError
 
@@ -67,9 +68,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -119,7 +118,10 @@ class NpyStream:
                 "bytes": self.path.stat().st_size}
 
     def discard(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # the buffered tail cannot be written (full disk): drop it anyway
+            pass
         self._hasher.shutdown()
         self.tmp.unlink(missing_ok=True)
 

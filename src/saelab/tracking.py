@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "saelab"
 _SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+# MLflow 3 contacts its telemetry host when imported unless told not to: stages run
+# offline (tests, air-gapped clusters) and must not. A user may still opt in.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow caps a param value's length; longer values are truncated, not rejected.
 _MAX_PARAM_LEN = 500
 

@@ -1,5 +1,9 @@
 """SAE training (Gemma Scope's recipe, DESIGN §6) and the `train_sae` stage.
 
+Data: the activation store (shuffled across shards) or, with sae.stream, activations
+straight from the model through an in-memory shuffle buffer. Checkpoints (atomic, with a
+config fingerprint) make the stage resume by itself; a NaN/Inf guard stops it cleanly.
+
 One step: loss = ||x - x_hat||^2 + lambda * sparsity (+ AuxK for TopK/BatchTopK), backward,
 decoder-gradient projection, gradient-norm clip, Adam, decoder renormalisation.
 fp32 master weights; bf16 autocast for the matmuls on CUDA only; theta stays fp32; no
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 Batches = Union[Iterator[torch.Tensor], Callable[[int], Iterator[torch.Tensor]]]
 THETA_QUANTILES = (0.1, 0.5, 0.9)
 # Fields that do not change the trajectory: a checkpoint stays valid when they change.
-_NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_tokens", "stream", "shuffle_buffer")
+_NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_tokens")
 
 
 @dataclass
@@ -64,11 +68,11 @@ class _Objective(nn.Module):
         else:
             if sae.arch == "jumprelu":
                 # L0 through the step function's STE: its gradient reaches theta only.
-                f, l0_each = jumprelu_with_l0(z, sae.threshold, cfg.bandwidth)
+                f, l0_each, counts = jumprelu_with_l0(z, sae.threshold, cfg.bandwidth)
             else:
                 f = sae.activate(z)
+                counts = (f > 0).sum(0, dtype=torch.float32)
             x_hat = sae.decode(f)
-            counts = torch.count_nonzero(f, dim=0)
         resid = x - x_hat.float()
         recon = resid.pow(2).sum(-1).mean()
         loss = recon

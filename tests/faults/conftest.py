@@ -33,8 +33,6 @@ OPENAI_KEY = "sk-faults-Secret0123456789"
 EXTRACT_EVENTS = ("npy_put", "replace", "json_write")
 TRAIN_EVENTS = ("step", "torch_save", "fsync", "replace", "safetensors_save", "write_text")
 INTERPRET_EVENTS = ("cache_put", "replace", "write_text")
-# An interpret clone needs the tokenizer (models/base), the store and the SAE.
-INTERPRET_INPUTS = ("models/base", "models/base.json", "data/activations", "models/sae")
 
 
 class CountingServer(FakeOpenAI):
@@ -140,12 +138,19 @@ def trained(base, faults_home) -> Workspace:
 @pytest.fixture(scope="session")
 def interpreted(base, trained, faults_home, openai_server) -> Workspace:
     """The reference interpret run against the fake server; `paid` is what it paid for."""
-    ws = base.clone(faults_home / "interpret", *INTERPRET_INPUTS[:3])
-    ws.link(trained, "models/sae")
+    ws = interpret_workspace(base, trained, faults_home / "interpret")
     before = openai_server.paid.copy()
     ws.reference = ws.run("interpret", events=INTERPRET_EVENTS).ok()
     ws.paid = openai_server.paid - before
     assert ws.paid and max(ws.paid.values()) == 1
+    return ws
+
+
+def interpret_workspace(base: Workspace, trained: Workspace, root: Path,
+                        env: dict[str, str] | None = None) -> Workspace:
+    """What interpret reads: the tokenizer (models/base), the store and the SAE."""
+    ws = base.clone(root, "models/base", "models/base.json", "data/activations", env=env)
+    ws.link(trained, "models/sae")
     return ws
 
 

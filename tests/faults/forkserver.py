@@ -85,21 +85,22 @@ class _Faults:
         faults = self
 
         def wrapper(*args, **kwargs):
-            faults.hit(name, "before")
+            n = faults.hit(name, "before")
             out = orig(*args, **kwargs)
-            faults.hit(name, "after")
+            faults.hit(name, "after", n)
             return out
 
         setattr(owner, last, wrapper)
 
-    def hit(self, name: str, when: str) -> None:
+    def hit(self, name: str, when: str, n: int = 0) -> int:
+        """Count a call (`before`; returns its ordinal) or its end (`after` call `n`: other
+        threads may have started later calls meanwhile); fault when it is the chosen one."""
         with self.lock:
             if when == "before":
-                self.counts[name] = self.counts.get(name, 0) + 1
-            n = self.counts.get(name, 0)
+                n = self.counts[name] = self.counts.get(name, 0) + 1
             f = self.fault
-            if not f or f["event"] != name or f["n"] != n or f["when"] != when:
-                return
+            if not f or (f["event"], f["n"], f["when"]) != (name, n, when):
+                return n
             self.fault = None  # once
             if self.note:
                 with open(self.note, "w") as fh:
@@ -107,6 +108,7 @@ class _Faults:
             if f["action"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             _fill(f["path"])
+            return n
 
 
 def _no_network(net_file: str) -> None:

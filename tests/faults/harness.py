@@ -11,11 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 import yaml
 
 from saelab.config import load_params, parse_params, to_dict
@@ -37,7 +37,7 @@ TINY: dict[str, dict[str, Any]] = {
                   "examples_per_prompt": 4, "concurrency": 4, "max_retries": 3,
                   "retry_base_s": 0.001, "timeout_s": 20.0},
 }
-# What a finished stage leaves in its outputs, per stage (the fault tests compare these).
+# Where each stage writes (DESIGN §3): no temporary file may be left there.
 OUTPUTS = {
     "extract_mlp8": ["data/activations"],
     "train_sae": ["models/sae", "reports/train"],
@@ -143,9 +143,10 @@ class ForkServer:
     """The client side of forkserver.py: one job at a time."""
 
     def __init__(self, env: dict[str, str], cwd: Path):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py"))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                     cwd=cwd, text=True, bufsize=1)
+        script = Path(__file__).with_name("forkserver.py")
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, cwd=cwd, text=True,
+                                     bufsize=1)
         assert self._read(300).get("ready"), "fork server did not start"
 
     def _read(self, timeout: float) -> dict:
@@ -236,21 +237,19 @@ class Workspace:
                "events_file": f"{stem}.events.json", "note_file": f"{stem}.note",
                "net_file": f"{stem}.net" if no_network else None}
         job["env"] = {k: v for k, v in job["env"].items() if v is not None}
-        t0 = time.perf_counter()
         status = self.server.run(job, timeout)
-        read = lambda p: Path(p).read_text(errors="replace") if Path(p).exists() else ""  # noqa: E731
-        run = Run(status, read(job["stdout"]), read(job["stderr"]),
-                  json.loads(read(job["events_file"]) or "{}"), read(job["note_file"]),
-                  read(job["net_file"]) if no_network else "")
-        (Path(f"{stem}.time")).write_text(f"{time.perf_counter() - t0:.2f}\n")
-        return run
+        return Run(status, _read(job["stdout"]), _read(job["stderr"]),
+                   json.loads(_read(job["events_file"]) or "{}"), _read(job["note_file"]),
+                   _read(job["net_file"]) if no_network else "")
+
+
+def _read(path: str | None) -> str:
+    return Path(path).read_text(errors="replace") if path and Path(path).exists() else ""
 
 
 def _mount(*args: str) -> None:
     out = subprocess.run(["mount", *args], capture_output=True, text=True)
     if out.returncode:
-        import pytest
-
         pytest.skip(f"cannot mount here ({out.stderr.strip()}); needs root with CAP_SYS_ADMIN")
 
 

@@ -9,13 +9,15 @@ Both need `mount` (root with CAP_SYS_ADMIN); elsewhere those two tests skip.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from saelab.cli import compose_params
 
-from .conftest import read_json
+from .conftest import interpret_workspace, read_json
 from .harness import (REPO, merge, read_only, store_signature, temp_names, tmpfs,
                       train_signature)
 
@@ -42,7 +44,7 @@ def snapshot(root) -> dict[str, tuple[int, int]]:
     """Every file of a workspace but its logs and MLflow db: (size, mtime)."""
     return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).parts[0] not in ("logs", "hf")
+            if p.is_file() and p.relative_to(root).parts[0] != "logs"
             and "mlflow" not in p.name}
 
 
@@ -67,6 +69,31 @@ def test_bad_params_stop_before_any_work(case, trained, tmp_path):
     before = snapshot(ws.root)
     clear_failure(ws.run(stage), f"{stage} failed", *words, status=2)
     assert snapshot(ws.root) == before
+
+
+def test_model_on_disk_without_the_layer(base, tmp_path):
+    """params allow layer 8, but the checkpoint in models/base has 6 layers."""
+    ws = base.clone(tmp_path / "ws", "models/base", "models/base.json", "data/corpus")
+    config = ws.root / "models/base/config.json"
+    spec = read_json(config)
+    config.unlink()  # a hard link to the base workspace's file: replace, do not edit
+    config.write_text(json.dumps({**spec, "num_hidden_layers": 6}))
+    clear_failure(ws.run("extract_mlp8"), "layer 8 does not exist", "6 layers (0..5)",
+                  "extract.layer", status=2)
+    assert not list((ws.root / "data/activations").glob("shard-*"))
+
+
+def test_a_cold_process_fails_the_same_way(trained, tmp_path):
+    """The fork server runs a stage as `python stages/<name>.py` does: one case, cold."""
+    ws = trained.clone(tmp_path / "ws")
+    ws.write_params(merge(ws.params(), {"sae": {"d_sae": 0}}), validate=False)
+    cold = subprocess.run([sys.executable, "stages/train_sae.py"], cwd=ws.root, env=ws.env,
+                          capture_output=True, text=True, timeout=300)
+    forked = ws.run("train_sae")
+    errors = lambda text: [line.split(" ", 1)[1] for line in text.splitlines()  # noqa: E731
+                           if " ERROR " in line]
+    assert cold.returncode == forked.status == 2
+    assert errors(cold.stderr) == errors(forked.stderr) != []
 
 
 def test_invalid_yaml(base, tmp_path):
@@ -156,8 +183,7 @@ def test_missing_hf_token_for_oscar(base, tmp_path):
 
 
 def test_missing_openai_key(base, trained, tmp_path):
-    ws = base.clone(tmp_path / "ws", "models/base", "models/base.json", "data/activations")
-    ws.link(trained, "models/sae")
+    ws = interpret_workspace(base, trained, tmp_path / "ws")
     clear_failure(ws.run("interpret", env={"OPENAI_API_KEY": None}),
                   "OPENAI_API_KEY", "interpret.backend=none", status=2)
 

@@ -15,7 +15,9 @@ import random
 import pytest
 import torch
 
-from .conftest import INTERPRET_EVENTS, INTERPRET_INPUTS, read_json
+from saelab.verify import verify_sae, verify_store
+
+from .conftest import INTERPRET_EVENTS, interpret_workspace, read_json
 from .harness import (OUTPUTS, interpret_signature, store_signature, temp_names,
                       train_signature)
 
@@ -58,6 +60,7 @@ def test_extract_killed_then_resumed(i, base, tmp_path):
 
     ws.run("extract_mlp8").ok()
     assert store_signature(ws.root) == store_signature(base.root)
+    assert verify_store(store) == []
     _no_leftovers(ws, "extract_mlp8")
     # The shards finished before the kill were kept as they were, not computed again.
     assert read_json(store / "manifest.json")["resumed_shards"] == len(done), point
@@ -77,6 +80,7 @@ def test_train_killed_then_resumed(i, trained, tmp_path):
 
     rerun = ws.run("train_sae", events=["step"]).ok()
     assert train_signature(ws.root) == train_signature(trained.root)
+    assert verify_sae(ws.root / "models/sae") == []
     _no_leftovers(ws, "train_sae")
     # Only the steps after the last checkpoint ran again.
     assert rerun.events.get("step", 0) == counts["step"] - at, (point, at)
@@ -91,8 +95,7 @@ def _cached_answers(ws, server) -> set[str]:
 @pytest.mark.parametrize("i", range(N_POINTS))
 def test_interpret_killed_then_resumed(i, base, trained, interpreted, openai_server, tmp_path):
     point = kill_points(interpreted.reference.events, SEED + 2, focus=("cache_put",))[i]
-    ws = base.clone(tmp_path / "ws", *INTERPRET_INPUTS[:3])
-    ws.link(trained, "models/sae")
+    ws = interpret_workspace(base, trained, tmp_path / "ws")
     start = openai_server.paid.copy()
     _killed(ws, "interpret", point, events=INTERPRET_EVENTS)
     openai_server.settle()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..atomic import sweep_dead_writers, write_text
 
 
 def canonical(obj: Any) -> str:
@@ -44,6 +44,8 @@ class Request:
 class ResponseCache:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
+        if self.dir.is_dir():
+            sweep_dead_writers(self.dir)
 
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.json"
@@ -60,6 +62,4 @@ class ResponseCache:
     def put(self, key: str, response: dict[str, Any]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps(response, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(response, ensure_ascii=False))
