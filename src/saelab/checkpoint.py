@@ -44,8 +44,10 @@ def save(ckpt_dir: Path, state: dict[str, Any]) -> Path:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / FILE
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as fh:
+        # Through a Python file object a full disk surfaces as OSError(ENOSPC), not as
+        # torch's opaque RuntimeError from its own writer.
+        torch.save(state, fh)
     return path
 
 
