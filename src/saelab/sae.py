@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import atomic
+from .atomic import atomic_path
 from .config import SAECfg
 from .errors import SaelabError
 
@@ -299,12 +301,10 @@ def export_sae(sae: SAE, out_dir: Path, *, scale: float, meta: dict[str, Any]) -
     if architecture == "topk":
         cfg["k"] = sae.cfg.k
         cfg["rescale_acts_by_decoder_norm"] = False
-    tmp_w = out_dir / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp_w))
-    tmp_w.replace(out_dir / WEIGHTS_FILE)
-    tmp_c = out_dir / (CFG_FILE + ".tmp")
-    tmp_c.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    tmp_c.replace(out_dir / CFG_FILE)
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+        tmp.chmod(0o644)  # safetensors creates 0600; the export is meant to be shared
+    atomic.write_text(out_dir / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
     return out_dir
 
 

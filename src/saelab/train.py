@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint
+from . import atomic, checkpoint
 from .config import SAECfg
 from .errors import SaelabError
 from .evals import reconstruction_metrics
@@ -404,7 +404,7 @@ def write_curves(history: list[dict], path: Path) -> None:
     import csv
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(CURVE_COLUMNS)
         for row in history:
@@ -521,7 +521,7 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
                           "eval": "heldout documents" if model is not None and heldout_rows
                           else "store sample"}}
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
-    paths.TRAIN_METRICS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(paths.TRAIN_METRICS, json.dumps(report, indent=2) + "\n")
     write_curves(result.history, paths.TRAIN_DIR / CURVES_CSV)
     log_metrics({"final": metrics})
     for p in (paths.TRAIN_METRICS, paths.TRAIN_DIR / CURVES_CSV):
