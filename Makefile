@@ -3,8 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+DEV     := $(VENV)/.installed-dev
 
-.PHONY: run test install clean-outputs
+.PHONY: run test install
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,10 +18,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# SAELens (interop tests, benchmarks) only for testing; constrained so it changes nothing above.
+$(DEV): $(STAMP) requirements-dev.lock
+	$(BIN)/pip install --quiet -r requirements-dev.lock -c requirements.lock
+	touch $(DEV)
+
 install: $(STAMP)
 
 run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-test: $(STAMP)
+test: $(DEV)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q

@@ -182,7 +182,8 @@ def test_export_folds_the_scale(tmp_path, arch, theta_param):
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_saelens_loads_the_export(tmp_path, arch):
-    sae_lens = pytest.importorskip("sae_lens")
+    # Installed by `make test` (requirements-dev.lock): a missing SAELens fails, never skips.
+    import sae_lens
     sae = _perturbed(arch)
     export_sae(sae, tmp_path, scale=2.0, meta={"model_name": "tiny"})
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")

@@ -27,9 +27,12 @@ from . import atomic
 from .atomic import atomic_path
 from .config import SAECfg
 from .errors import SaelabError
+from .store import sha256_file
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
+# sha256 and size of the two files above, for `saelab verify` (SAELens ignores it).
+MANIFEST_FILE = "manifest.json"
 # SAELens's config format version our cfg.json follows (>= 6.0 skips its legacy key renaming).
 SAELENS_FORMAT_VERSION = "6.54.12"
 
@@ -305,6 +308,10 @@ def export_sae(sae: SAE, out_dir: Path, *, scale: float, meta: dict[str, Any]) -
         save_file(tensors, str(tmp))
         tmp.chmod(0o644)  # safetensors creates 0600; the export is meant to be shared
     atomic.write_text(out_dir / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
+    files = {n: {"sha256": sha256_file(out_dir / n), "bytes": (out_dir / n).stat().st_size}
+             for n in (WEIGHTS_FILE, CFG_FILE)}
+    atomic.write_text(out_dir / MANIFEST_FILE,
+                      json.dumps({"format": "saelab-sae/1", "files": files}, indent=1) + "\n")
     return out_dir
 
 

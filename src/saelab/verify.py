@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SaelabError
+from .sae import MANIFEST_FILE
 
-SAE_MANIFEST = "manifest.json"
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -111,21 +111,21 @@ def _check_tensors(path: Path, cfg: dict[str, Any]) -> list[str]:
 def _check_manifest(sae_dir: Path) -> list[str]:
     from .store import sha256_file
 
-    path = sae_dir / SAE_MANIFEST
+    path = sae_dir / MANIFEST_FILE
     try:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{SAE_MANIFEST}: unreadable ({type(e).__name__}: {e})"]
+        return [f"{MANIFEST_FILE}: unreadable ({type(e).__name__}: {e})"]
     problems = []
     for name, entry in sorted(files.items()):
         f = sae_dir / name
         if not f.is_file():
-            problems.append(f"{name}: missing (listed in {SAE_MANIFEST})")
+            problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
         elif f.stat().st_size != entry.get("bytes"):
-            problems.append(f"{name}: {f.stat().st_size} bytes, {SAE_MANIFEST} says "
+            problems.append(f"{name}: {f.stat().st_size} bytes, {MANIFEST_FILE} says "
                             f"{entry.get('bytes')}")
         elif sha256_file(f) != entry.get("sha256"):
-            problems.append(f"{name}: sha256 differs from {SAE_MANIFEST}")
+            problems.append(f"{name}: sha256 differs from {MANIFEST_FILE}")
     return problems
 
 
@@ -136,7 +136,7 @@ def verify_sae(sae_dir: Path) -> list[str]:
     if not sae_dir.is_dir():
         return [f"{where}: missing; run `dvc repro train_sae` (or `dvc pull`)"]
     problems: list[str] = []
-    if (sae_dir / SAE_MANIFEST).exists():
+    if (sae_dir / MANIFEST_FILE).exists():
         problems += _check_manifest(sae_dir)
     cfg_path, weights = sae_dir / CFG_FILE, sae_dir / WEIGHTS_FILE
     cfg = None
