@@ -211,7 +211,9 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         st["since_fired"] = torch.where(fired, 0.0, st["since_fired"] + tokens)
         st["dead"] = st["since_fired"] >= cfg.dead_tokens
         st["n_dead"] = int(st["dead"].sum())
-        dead_window = min(cfg.dead_tokens, st["tokens_seen"])
+        # Dead: silent for sae.dead_tokens; a run shorter than twice that uses the last half
+        # of its tokens, else a latent that fired once early would never count as dead.
+        dead_window = min(cfg.dead_tokens, max(st["tokens_seen"] // 2, 1))
         density = st["win_counts"] / tokens
         row = {
             "step": s, "tokens": st["tokens_seen"],
