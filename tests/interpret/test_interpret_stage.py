@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import CORPUS_LATENT, WORD
 
@@ -73,3 +74,15 @@ def test_stage_main_with_backend_none(workdir, corpus, tokenizer, isolated_mlflo
     runs = mlflow.search_runs(experiment_names=["saelab"])
     assert len(runs) == 1 and runs.iloc[0]["tags.dvc.stage"] == "interpret"
     assert np.isfinite(runs.iloc[0]["metrics.cost.estimated_usd"])
+
+
+def test_missing_key_is_reported_before_any_work(tmp_path, monkeypatch):
+    """No store or SAE here: the key error must come first, not after reading them."""
+    from saelab.config import parse_params
+    from saelab.errors import SaelabError
+    from saelab.interpret.stage import _run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SaelabError, match="OPENAI_API_KEY"):
+        _run(parse_params({"interpret": {"backend": "openai-batch"}}))

@@ -31,10 +31,8 @@ BATCH_MAX_BYTES = 190 * 2**20
 _TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
-def make_client(base_url: str, timeout_s: float):
-    """An OpenAI client with its own retries off: we retry, so we can count and cap them."""
-    from openai import OpenAI
-
+def api_key() -> str:
+    """The key from the environment, or a SaelabError saying how to provide it or do without."""
     key = os.environ.get(KEY_ENV)
     if not key:
         raise SaelabError(
@@ -42,7 +40,14 @@ def make_client(base_url: str, timeout_s: float):
             f"OpenAI-compatible server at interpret.base_url, set it to any value); or set "
             "interpret.backend=none to write the dashboards and the ready-to-send request "
             "file without calling any API")
-    return OpenAI(api_key=key, base_url=base_url or None, max_retries=0, timeout=timeout_s)
+    return key
+
+
+def make_client(base_url: str, timeout_s: float):
+    """An OpenAI client with its own retries off: we retry, so we can count and cap them."""
+    from openai import OpenAI
+
+    return OpenAI(api_key=api_key(), base_url=base_url or None, max_retries=0, timeout=timeout_s)
 
 
 def _retryable(status: int | None) -> bool:

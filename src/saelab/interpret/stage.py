@@ -15,6 +15,7 @@ from ..config import Params
 from ..errors import SaelabError
 from ..runtime import resolve_device
 from ..stage import run_stage
+from .backends import api_key
 from .decode import token_bytes_table
 from .latents import firing_counts, latent_activations, select_latents, store_index
 from .pipeline import run_interpret
@@ -38,6 +39,8 @@ def _run(params: Params) -> None:
     from ..store import ActivationStore
 
     cfg = params.interpret
+    if cfg.backend != "none":
+        api_key()  # before the passes over the store, not after them
     device = resolve_device(params)
     store = ActivationStore(paths.ACTIVATIONS_DIR)
     sae = load_sae(paths.SAE_DIR, device)
