@@ -226,3 +226,26 @@ def test_lr_and_token_sources(tmp_path):
         resolve_tokens(cfg(n_tokens=None), budget)
     budget.write_text(json.dumps({"tokens": 2.1e9}))
     assert resolve_tokens(cfg(n_tokens=None), budget) == (2_100_000_000, str(budget))
+
+
+def test_free_decoder_norm_starts_small_and_is_left_to_training():
+    """sae.decoder_norm=free (SAELens's JumpReLU): atoms start at encoder_init_scale, W_enc =
+    W_dec^T, and training neither projects nor renormalises them."""
+    from saelab.sae import SAE
+
+    c = dataclasses.replace(SAECfg(), d_sae=32, batch_size=64, decoder_norm="free",
+                            encoder_init_scale=0.1, lr_warmup_steps=0, l0_warmup_steps=0)
+    sae = SAE(8, 32, c)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((32,), 0.1))
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            yield torch.randn(64, 8, generator=gen)
+
+    res = train(c, batches(), d_in=8, n_tokens=64 * 30, lr=1e-2, device="cpu", seed=0)
+    norms = res.sae.W_dec.detach().norm(dim=1)
+    assert (norms - 0.1).abs().max() > 1e-3  # moved by training...
+    assert (norms - 1.0).abs().max() > 1e-3  # ...and not renormalised to 1

@@ -141,9 +141,11 @@ class SAE(nn.Module):
         nn.init.kaiming_uniform_(W, a=0.0, mode="fan_in", nonlinearity="relu")
         W_dec = W.t().contiguous()
         W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec = nn.Parameter(W_dec)
         enc_scale = cfg.encoder_init_scale if self.arch == "jumprelu" else 1.0
         self.W_enc = nn.Parameter(W_dec.t() * enc_scale)
+        # Free JumpReLU atoms start at norm encoder_init_scale, so W_enc = W_dec^T (SAELens).
+        self.unit_decoder = self.arch != "jumprelu" or cfg.decoder_norm == "unit"
+        self.W_dec = nn.Parameter(W_dec if self.unit_decoder else W_dec * enc_scale)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         if self.arch == "jumprelu":

@@ -5,7 +5,8 @@ straight from the model through an in-memory shuffle buffer. Checkpoints (atomic
 config fingerprint) make the stage resume by itself; a NaN/Inf guard stops it cleanly.
 
 One step: loss = ||x - x_hat||^2 + lambda * sparsity (+ AuxK for TopK/BatchTopK), backward,
-decoder-gradient projection, gradient-norm clip, Adam, decoder renormalisation.
+decoder-gradient projection, gradient-norm clip, Adam, decoder renormalisation (the two
+decoder steps only for unit-norm atoms: JumpReLU with sae.decoder_norm "free" skips them).
 fp32 master weights; bf16 autocast for the matmuls on CUDA only; theta stays fp32; no
 GradScaler. Under torchrun each rank takes batch_size / world_size rows of every global
 batch and DistributedDataParallel averages the gradients.
@@ -255,12 +256,14 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
             loss, recon, fired, f = objective(x, lam, st["dead"], st["n_dead"] if use_aux else 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        sae.remove_parallel_grad()
+        if sae.unit_decoder:
+            sae.remove_parallel_grad()
         if cfg.clip_grad_norm > 0:
             gnorm = nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
         opt.step()
         with torch.no_grad():
-            sae.normalise_decoder()
+            if sae.unit_decoder:
+                sae.normalise_decoder()
             if raw_theta:
                 # Keep theta >= 0 by projection (a clamp in the graph would kill its gradient).
                 sae.raw_threshold.clamp_(min=0.0)
