@@ -9,8 +9,8 @@ match the atoms. Score: fraction of true atoms whose best decoder row has cosine
 plus L0 and FVU on fresh held-out samples. Every trainer sees the same batches and the
 same token count.
 
-    python bench/recovery.py                      # ours (JumpReLU log/raw theta, TopK)
-    /tmp/saelens-venv/bin/python bench/recovery.py  # + SAELens, where it is installed
+    .venv/bin/python bench/recovery.py   # ours (JumpReLU log/raw theta, TopK) + SAELens
+                                         # (SAELens comes with `make test`'s dev extras)
 """
 from __future__ import annotations
 

@@ -6,9 +6,8 @@ autocast, and the default size is DESIGN §9's (d_in 2048, d_sae 16384, batch 40
 also reported as a percentage of the SAE roofline: 6 x 2 x d_in x d_sae FLOP per token
 against 790 TFLOP/s (H100 bf16 dense).
 
-    python bench/train.py                          # saelab only (CPU)
-    /tmp/saelens-venv/bin/python bench/train.py    # + SAELens, where it is installed
-    python bench/train.py --device cuda
+    .venv/bin/python bench/train.py      # saelab + SAELens (installed by `make test`) on CPU
+    .venv/bin/python bench/train.py --device cuda
 """
 from __future__ import annotations
 
