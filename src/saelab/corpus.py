@@ -27,7 +27,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import paths
+from . import atomic, paths
+from .atomic import atomic_path
 from .config import DataCfg, Params
 from .errors import SaelabError
 from .hub_share import hub_errors, hub_token
@@ -233,11 +234,10 @@ class _ShardWriter:
         if not self.ids:
             return
         name = f"{self.split}-{len(self.shards):05d}.parquet"
-        tmp = self.out_dir / f".{name}.tmp"
         table = pa.table({"text": pa.array(self.texts, pa.string()),
                           "doc_id": pa.array(self.ids, pa.string())})
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.out_dir / name)
+        with atomic_path(self.out_dir / name) as tmp:
+            pq.write_table(table, tmp)
         self.shards.append(name)
         self.ids, self.texts = [], []
 
@@ -322,9 +322,7 @@ def fetch_corpus(params: Params, out_dir: Path = paths.CORPUS_DIR) -> dict:
         "token_budget": data.token_budget,
         "max_docs": data.max_docs,
     })
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / MANIFEST)
+    atomic.write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
 
 

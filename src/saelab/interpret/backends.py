@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
+from ..atomic import write_text
 from ..errors import SaelabError
 from .cache import Request, ResponseCache
 
@@ -153,9 +154,7 @@ class BatchState:
 
     def _save(self, batches: dict[str, dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"batches": batches}, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps({"batches": batches}, indent=1))
 
     def add(self, batch_id: str, entry: dict[str, Any]) -> None:
         with self.lock:
