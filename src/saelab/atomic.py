@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def temp_name(path: Path) -> Path:
@@ -33,6 +34,14 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The file's JSON, or None when it is missing or torn (a killed writer, a full disk)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:

@@ -187,7 +187,7 @@ class StoreWriter:
         done = self.out_dir / MANIFEST
         partial = self.out_dir / PARTIAL
         if done.is_file():
-            manifest = _read_json(done)
+            manifest = atomic.read_json(done)
             if manifest and manifest.get("fingerprint") == self.header["fingerprint"] and \
                     not ActivationStore(self.out_dir).verify():
                 self.complete = manifest
@@ -197,7 +197,7 @@ class StoreWriter:
             log.info("existing store in %s was made with other inputs (or is damaged): "
                      "starting over", self.out_dir)
         elif partial.is_file():
-            state = _read_json(partial)
+            state = atomic.read_json(partial)
             if state and {k: state.get(k) for k in self.header} == self.header:
                 self.shards = self._sound_prefix(state["shards"])
                 log.info("resuming %s after %d complete shard(s) of %d", self.out_dir,
@@ -383,19 +383,12 @@ def _files(manifest: dict[str, Any]) -> list[str]:
                                          for e in s["files"].values()]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 class ActivationStore:
     """Read side of the store: memory-mapped shards, shuffled float32 batches, verification."""
 
     def __init__(self, path: Path | str = paths.ACTIVATIONS_DIR):
         self.path = Path(path)
-        manifest = _read_json(self.path / MANIFEST)
+        manifest = atomic.read_json(self.path / MANIFEST)
         if manifest is None or not manifest.get("complete"):
             why = ("is incomplete (extraction was interrupted)" if (self.path / PARTIAL).exists()
                    else "is missing" if not self.path.exists() else "has no valid manifest.json")

@@ -365,7 +365,7 @@ def resolve_lr(cfg: SAECfg, fit_json: Path) -> tuple[float, str]:
     """sae.lr if set, else fit_scaling_laws's recommendation; and where it came from."""
     if cfg.lr is not None:
         return cfg.lr, "params.sae.lr"
-    rec = (_read_json(fit_json) or {}).get("recommended") or {}
+    rec = (atomic.read_json(fit_json) or {}).get("recommended") or {}
     lr = rec.get("lr")
     if lr is None or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise SaelabError(f"sae.lr is null and {fit_json} has no usable recommended.lr; run "
@@ -377,20 +377,11 @@ def resolve_tokens(cfg: SAECfg, budget_json: Path) -> tuple[int, str]:
     """sae.n_tokens if set, else the compute budget's token count; and where it came from."""
     if cfg.n_tokens is not None:
         return cfg.n_tokens, "params.sae.n_tokens"
-    tokens = (_read_json(budget_json) or {}).get("tokens")
+    tokens = (atomic.read_json(budget_json) or {}).get("tokens")
     if not isinstance(tokens, (int, float)) or tokens < 1:
         raise SaelabError(f"sae.n_tokens is null and {budget_json} has no token budget; run "
                           "`dvc repro fit_scaling_laws` or set sae.n_tokens")
     return int(tokens), str(budget_json)
-
-
-def _read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -503,7 +494,7 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     from .tracking import log_artifact, log_metrics
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
-    info = _read_json(paths.MODEL_JSON) or {}
+    info = atomic.read_json(paths.MODEL_JSON) or {}
     hook_name = f"blocks.{ex.layer}.{_TL_HOOK_NAMES[ex.hook]}"
     metrics = dict(result.metrics)
     if model is not None and heldout_rows:
@@ -611,8 +602,8 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
         if n == 0:
             raise SaelabError("the corpus yields no tokens to stream; run `dvc repro fetch_oscar`")
         scale = 1.0 / math.sqrt(sq / n)
-    data_fp = checkpoint.fingerprint({"stream": True, "corpus": _read_json(
-        paths.CORPUS_DIR / "manifest.json"), "model": _read_json(paths.MODEL_JSON),
+    data_fp = checkpoint.fingerprint({"stream": True, "corpus": atomic.read_json(
+        paths.CORPUS_DIR / "manifest.json"), "model": atomic.read_json(paths.MODEL_JSON),
         "extract": dataclasses.asdict(ex), "scale": scale})
 
     def make_batches(start: int) -> Iterator[torch.Tensor]:
