@@ -427,6 +427,15 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
 
 # --- outputs ---------------------------------------------------------------------------
 
+def _plot_fit(ax, curve: list[dict[str, float]], law: str) -> None:
+    """A fitted law and, where the bootstrap gave one, its 95% band."""
+    x = [p["d_sae"] for p in curve]
+    ax.plot(x, [p["value"] for p in curve], color="C1", label="fit " + law)
+    if all(math.isfinite(p["lo"]) for p in curve):
+        ax.fill_between(x, [p["lo"] for p in curve], [p["hi"] for p in curve],
+                        color="C1", alpha=0.2, label="95% bootstrap band")
+
+
 def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
     fig, ax = plots.new_figure("Held-out loss against SAE size", "d_sae", "loss",
                                logx=True, logy=True)
@@ -437,12 +446,7 @@ def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
     ax.scatter([e["d_sae"] for e in best], [e["best_loss"] for e in best], color="C0",
                zorder=3, label="best lr per size")
     if result["status"] == "ok":
-        c = result["curves"]["loss"]
-        ax.plot([p["d_sae"] for p in c], [p["value"] for p in c], color="C1",
-                label="fit " + result["loss_fit"]["law"])
-        if all(math.isfinite(p["lo"]) for p in c):
-            ax.fill_between([p["d_sae"] for p in c], [p["lo"] for p in c], [p["hi"] for p in c],
-                            color="C1", alpha=0.2, label="95% bootstrap band")
+        _plot_fit(ax, result["curves"]["loss"], result["loss_fit"]["law"])
         for i, (name, t) in enumerate(result["extrapolation"].items()):
             color = f"C{4 + i}"
             ax.scatter([t["d_sae"]], [t["loss"]], marker="*", s=100, color=color, zorder=4,
@@ -483,12 +487,7 @@ def _plot_lr_star(result: dict[str, Any], path: Path) -> None:
     ax.scatter([e["d_sae"] for e in found], [e["lr_star"] for e in found], color="C0",
                zorder=3, label="lr* (parabola)")
     if result["status"] == "ok":
-        c = result["curves"]["lr"]
-        ax.plot([p["d_sae"] for p in c], [p["value"] for p in c], color="C1",
-                label="fit " + result["lr_fit"]["law"])
-        if all(math.isfinite(p["lo"]) for p in c):
-            ax.fill_between([p["d_sae"] for p in c], [p["lo"] for p in c], [p["hi"] for p in c],
-                            color="C1", alpha=0.2, label="95% bootstrap band")
+        _plot_fit(ax, result["curves"]["lr"], result["lr_fit"]["law"])
         for name, t in result["extrapolation"].items():
             ax.scatter([t["d_sae"]], [t["lr"]], marker="*", s=100, zorder=4,
                        label=f"extrapolated ({name}): {t['lr']:.2e}")
