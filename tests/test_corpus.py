@@ -8,7 +8,7 @@ import pytest
 
 from saelab import corpus
 from saelab.config import parse_params
-from saelab.corpus import fetch_corpus, is_heldout, iter_documents
+from saelab.corpus import fetch_corpus, is_heldout, iter_documents, read_manifest
 from saelab.errors import SaelabError
 
 
@@ -132,11 +132,18 @@ def test_corrupt_parquet_gives_a_clear_error(tmp_path):
         fetch_corpus(_local(tmp_path), tmp_path / "c")
 
 
-def test_empty_corpus_names_source_and_fix(tmp_path):
+def test_empty_corpus_names_source_and_fix_and_keeps_the_previous_corpus(tmp_path):
+    _write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": f"documento {i}"} for i in range(20)])
+    good = fetch_corpus(_local(tmp_path), tmp_path / "c")
+    before = sorted(p.name for p in (tmp_path / "c").iterdir())
     _write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": " "}, {"text": ""}])
     with pytest.raises(SaelabError, match=r"data.source = local: no training documents.*"
                                           r"whitespace_only.*data.local_files"):
         fetch_corpus(_local(tmp_path), tmp_path / "c")
+    # The failed fetch left the finished corpus as it was, and no half-written copy.
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before
+    assert read_manifest(tmp_path / "c") == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "in"]
     with pytest.raises(SaelabError, match="matches no files"):
         fetch_corpus(_local(tmp_path, pattern="nothing/*.jsonl"), tmp_path / "c")
 

@@ -288,18 +288,19 @@ def fetch_corpus(params: Params, out_dir: Path = paths.CORPUS_DIR) -> dict:
         records = _local_records(files, counts)
     else:
         records = _hub_records(data, manifest)
-    # DVC deletes outs before a run; do the same when called directly, so no stale shard survives.
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    # Written beside out_dir and swapped in only when complete: a failed or empty fetch
+    # leaves the previous corpus (if any) as it was.
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     try:
         docs = clean(records, data, counts)
-        writers, heldout_ids, stopped_by = _write_splits(docs, data, out_dir)
+        writers, heldout_ids, stopped_by = _write_splits(docs, data, work)
     except BaseException:
-        shutil.rmtree(out_dir)  # a half-written corpus without its manifest helps no one
+        shutil.rmtree(work, ignore_errors=True)
         raise
     if writers["train"].docs == 0:
-        shutil.rmtree(out_dir)
+        shutil.rmtree(work)
         dropped = {k: counts[k] for k in DROP_REASONS if counts[k]}
         raise SaelabError(
             f"data.source = {data.source}: no training documents after cleaning "
@@ -322,7 +323,10 @@ def fetch_corpus(params: Params, out_dir: Path = paths.CORPUS_DIR) -> dict:
         "token_budget": data.token_budget,
         "max_docs": data.max_docs,
     })
-    atomic.write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(work / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    work.rename(out_dir)
     return manifest
 
 

@@ -131,6 +131,7 @@ def test_unusable_corpus(case, base, tmp_path):
     _local_corpus(ws, content)
     clear_failure(ws.run("fetch_oscar"), "fetch_oscar failed", *words, status=2)
     assert not (ws.root / "data/corpus").exists()  # no half-written corpus
+    assert not (ws.root / "data/corpus.partial").exists()
 
 
 def test_bad_documents_among_good_ones_are_dropped_and_counted(base, tmp_path):
