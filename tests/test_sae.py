@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saelab.config import SAECfg
-from saelab.sae import SAE, export_sae, jumprelu, jumprelu_with_l0, load_sae, step
+from saelab.sae import (SAE, auxk_decode, export_sae, jumprelu, jumprelu_with_l0, load_sae,
+                        sparse_decode, step, topk_decode)
 from saelab.train import _Objective
 
 EPS = 1e-3
@@ -142,6 +143,45 @@ def test_topk_and_batchtopk_l0_exact():
     f = btk.encode(x)
     assert int((f != 0).sum()) == 5 * 40
     assert (f != 0).sum(-1).float().std() > 0  # per-token L0 varies; the batch mean is k
+
+
+def test_sparse_decode_matches_dense_decode_and_its_gradients():
+    """The training decoders (TopK and AuxK) read k atoms per row through custom sparse
+    kernels: values and gradients must equal a dense [batch, d_sae] code times W_dec."""
+    gen = torch.Generator().manual_seed(0)
+    sae = SAE(12, 40, cfg(architecture="topk", d_sae=40, k=5)).double()
+    z = torch.randn(30, 40, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(30, 12, generator=gen, dtype=torch.float64)
+    dead = torch.rand(40, generator=gen) < 0.5
+
+    def grads(out):
+        sae.zero_grad()
+        z.grad = None
+        (out * g).sum().backward()
+        return out.detach(), z.grad.clone(), sae.W_dec.grad.clone()
+
+    sparse = grads(topk_decode(sae, z)[0])
+    dense = grads(sae.decode(sae.activate(z)))
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(a, b)
+
+    sparse = grads(auxk_decode(sae, z, dead, 3))
+    vals, idx = z.masked_fill(~dead, float("-inf")).topk(3, dim=-1)
+    code = torch.zeros_like(z).scatter(-1, idx, vals.relu())
+    dense = grads(code @ sae.W_dec)
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(a, b)
+
+    # The plain embedding_bag path (the one CUDA takes) gives the same gradients.
+    idx = torch.randint(0, 40, (30, 5), generator=gen).unique(dim=-1)[:, :1]
+    vals = torch.rand(30, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = sparse_decode(idx, vals, sae.W_dec)
+    ref = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
+    torch.testing.assert_close(out, ref)
+    ga = torch.autograd.grad((out * g).sum(), (vals, sae.W_dec))
+    gb = torch.autograd.grad((ref * g).sum(), (vals, sae.W_dec))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
 
 
 def _perturbed(arch: str, **kw) -> SAE:
