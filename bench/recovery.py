@@ -9,8 +9,17 @@ match the atoms. Score: fraction of true atoms whose best decoder row has cosine
 plus L0 and FVU on fresh held-out samples. Every trainer sees the same batches and the
 same token count.
 
+Recipes: JumpReLU rows use Gemma Scope's Adam betas (0, 0.999) and lambda = 0.01, the
+penalty at which both trainers settle near the true L0 of 4 (at 0.03 both drop to L0 ~3.3
+and lose the weakest atoms; at 0.003 both stay dense, L0 > 20, and match none). TopK rows
+use Gao et al.'s betas (0.9, 0.999) and k = 4. Our rows use our defaults (sae.decoder_norm
+"auto": unit-norm JumpReLU atoms, free TopK ones) plus the other decoder_norm for each.
+Each trainer runs at every learning rate of --lrs, as the pipeline's own lr sweep would,
+and is judged at its best one.
+
     .venv/bin/python bench/recovery.py   # ours (JumpReLU log/raw theta, TopK) + SAELens
                                          # (SAELens comes with `make test`'s dev extras)
+    .venv/bin/python bench/recovery.py --seeds 0,1,2 --lrs 3e-3,1e-2
 """
 from __future__ import annotations
 
@@ -59,26 +68,33 @@ def score(data: KnownDictionary, W_dec: torch.Tensor, encode_decode) -> dict:
             "fvu": float(fvu)}
 
 
-def ours(data: KnownDictionary, args, arch: str, theta_param: str = "log") -> dict:
+def beta1(arch: str) -> float:
+    """Adam beta1 of the architecture's recipe (our default), for ours and SAELens alike."""
+    return dataclasses.replace(SAECfg(), architecture=arch).adam_betas[0]
+
+
+def ours(data: KnownDictionary, args, lr: float, arch: str, theta_param: str = "raw",
+         decoder_norm: str = "auto") -> dict:
     cfg = dataclasses.replace(
         SAECfg(), architecture=arch, d_sae=args.d_sae, batch_size=args.batch,
+        decoder_norm=decoder_norm,
         lr_warmup_steps=args.lr_warmup, l0_warmup_steps=args.l0_warmup, lr_decay="constant",
         l0_coeff=args.l0_coeff, theta_param=theta_param, k=args.k, log_every=100)
     t = time.perf_counter()
     res = train(cfg, data.batches(args.batch), d_in=data.atoms.shape[1],
-                n_tokens=args.batch * args.steps, lr=args.lr, device="cpu", seed=args.seed)
+                n_tokens=args.batch * args.steps, lr=lr, device="cpu", seed=data.seed)
     out = score(data, res.sae.W_dec, res.sae)
     return {**out, "seconds": time.perf_counter() - t}
 
 
-def saelens(data: KnownDictionary, args, arch: str) -> dict:
+def saelens(data: KnownDictionary, args, lr: float, arch: str) -> dict:
     """SAELens's own trainer (SAETrainer.fit) with the same recipe where the knobs exist."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(data.seed)
     d_in = data.atoms.shape[1]
     if arch == "jumprelu":
         sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
@@ -88,8 +104,8 @@ def saelens(data: KnownDictionary, args, arch: str) -> dict:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=args.k))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=args.batch * args.steps, train_batch_size_samples=args.batch,
-        lr=args.lr, lr_end=args.lr, lr_scheduler_name="constant", lr_warm_up_steps=args.lr_warmup,
-        adam_beta1=0.0, adam_beta2=0.999, device="cpu",
+        lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=args.lr_warmup,
+        adam_beta1=beta1(arch), adam_beta2=0.999, device="cpu",
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1))
     t = time.perf_counter()
     SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data.batches(args.batch)).fit()
@@ -108,23 +124,26 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=976)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lrs", default="3e-3,1e-2", help="comma-separated learning rates")
     ap.add_argument("--lr-warmup", type=int, default=50)
     ap.add_argument("--l0-warmup", type=int, default=200)
-    ap.add_argument("--l0-coeff", type=float, default=0.03)
+    ap.add_argument("--l0-coeff", type=float, default=0.01)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated dictionary/init seeds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated subset of the rows below")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = KnownDictionary(args.d_in, args.atoms, args.expected_l0, args.noise, args.seed)
     runs = {
-        "saelab jumprelu (log theta)": lambda: ours(data, args, "jumprelu", "log"),
-        "saelab jumprelu (raw theta)": lambda: ours(data, args, "jumprelu", "raw"),
-        "saelab topk": lambda: ours(data, args, "topk"),
-        "sae_lens jumprelu": lambda: saelens(data, args, "jumprelu"),
-        "sae_lens topk": lambda: saelens(data, args, "topk"),
+        "saelab jumprelu (default)": lambda d, lr: ours(d, args, lr, "jumprelu"),
+        "saelab jumprelu (log theta)": lambda d, lr: ours(d, args, lr, "jumprelu", "log"),
+        "saelab jumprelu (free decoder)": lambda d, lr: ours(d, args, lr, "jumprelu",
+                                                             decoder_norm="free"),
+        "saelab topk (default)": lambda d, lr: ours(d, args, lr, "topk"),
+        "saelab topk (unit decoder)": lambda d, lr: ours(d, args, lr, "topk",
+                                                         decoder_norm="unit"),
+        "sae_lens jumprelu": lambda d, lr: saelens(d, args, lr, "jumprelu"),
+        "sae_lens topk": lambda d, lr: saelens(d, args, lr, "topk"),
     }
     try:
         import sae_lens  # noqa: F401
@@ -133,14 +152,27 @@ def main() -> None:
         print("sae_lens is not installed here: SAELens rows skipped")
     if args.only:
         runs = {k: v for k, v in runs.items() if any(o.strip() in k for o in args.only.split(","))}
+    lrs = [float(v) for v in args.lrs.split(",")]
+    seeds = [int(v) for v in args.seeds.split(",")]
     print(f"setting: d_in={args.d_in} atoms={args.atoms} E[L0]={args.expected_l0} "
           f"noise={args.noise} d_sae={args.d_sae} batch={args.batch} steps={args.steps} "
-          f"tokens={args.batch * args.steps} lr={args.lr} l0_coeff={args.l0_coeff} k={args.k}")
-    print(f"{'trainer':30s} {'recovered':>9s} {'L0':>6s} {'FVU':>7s} {'seconds':>8s}")
-    for name, run in runs.items():
-        r = run()
-        print(f"{name:30s} {r['recovered']:9.3f} {r['l0']:6.2f} {r['fvu']:7.4f} "
-              f"{r['seconds']:8.1f}", flush=True)
+          f"tokens={args.batch * args.steps} l0_coeff={args.l0_coeff} k={args.k} seeds={seeds}")
+    print(f"{'trainer':31s} {'lr':>7s} {'recovered':>9s} {'min':>6s} {'L0':>6s} {'FVU':>7s} "
+          f"{'seconds':>8s}")
+    datasets = [KnownDictionary(args.d_in, args.atoms, args.expected_l0, args.noise, s)
+                for s in seeds]
+    best: dict[str, tuple[float, float]] = {}
+    for (name, run), lr in itertools.product(runs.items(), lrs):
+        rs = [run(d, lr) for d in datasets]
+        mean = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
+        worst = min(r["recovered"] for r in rs)
+        print(f"{name:31s} {lr:7.0e} {mean['recovered']:9.3f} {worst:6.3f} {mean['l0']:6.2f} "
+              f"{mean['fvu']:7.4f} {mean['seconds']:8.1f}", flush=True)
+        if mean["recovered"] > best.get(name, (-1.0, 0.0))[0]:
+            best[name] = (mean["recovered"], lr)
+    print("\nat each trainer's best learning rate (mean over seeds):")
+    for name, (rec, lr) in best.items():
+        print(f"{name:31s} {lr:7.0e} {rec:9.3f}")
 
 
 if __name__ == "__main__":

@@ -105,8 +105,15 @@ def test_init_follows_gemma_scope():
     assert torch.equal(sae.W_enc, sae.W_dec.t())
     scaled = SAE(16, 64, cfg(d_sae=64))  # JumpReLU default: W_enc = 0.1 W_dec^T
     torch.testing.assert_close(scaled.W_enc, 0.1 * scaled.W_dec.t())
+    # decoder_norm "auto": unit atoms for JumpReLU (above), free ones for TopK/BatchTopK.
+    assert sae.unit_decoder and not sae.rescale
     topk = SAE(16, 64, cfg(d_sae=64, architecture="topk", k=4))
+    assert not topk.unit_decoder and topk.rescale
+    torch.testing.assert_close(topk.W_dec.norm(dim=1), torch.full((64,), 0.1))
     assert torch.equal(topk.W_enc, topk.W_dec.t())
+    unit_topk = SAE(16, 64, cfg(d_sae=64, architecture="topk", k=4, decoder_norm="unit"))
+    torch.testing.assert_close(unit_topk.W_dec.norm(dim=1), torch.ones(64))
+    assert torch.equal(unit_topk.W_enc, unit_topk.W_dec.t())
     assert not sae.b_enc.any() and not sae.b_dec.any()
     torch.testing.assert_close(sae.threshold, torch.full((64,), 1e-3))
     assert sae.log_threshold.dtype == torch.float32
@@ -145,11 +152,15 @@ def test_topk_and_batchtopk_l0_exact():
     assert (f != 0).sum(-1).float().std() > 0  # per-token L0 varies; the batch mean is k
 
 
-def test_sparse_decode_matches_dense_decode_and_its_gradients():
+@pytest.mark.parametrize("decoder_norm", ["unit", "free"])
+def test_sparse_decode_matches_dense_decode_and_its_gradients(decoder_norm):
     """The training decoders (TopK and AuxK) read k atoms per row through custom sparse
-    kernels: values and gradients must equal a dense [batch, d_sae] code times W_dec."""
+    kernels: values and gradients must equal a dense [batch, d_sae] code times the atoms."""
     gen = torch.Generator().manual_seed(0)
-    sae = SAE(12, 40, cfg(architecture="topk", d_sae=40, k=5)).double()
+    sae = SAE(12, 40, cfg(architecture="topk", d_sae=40, k=5, decoder_norm=decoder_norm))
+    sae = sae.double()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(40, 1, generator=gen, dtype=torch.float64) + 0.5)
     z = torch.randn(30, 40, generator=gen, dtype=torch.float64, requires_grad=True)
     g = torch.randn(30, 12, generator=gen, dtype=torch.float64)
     dead = torch.rand(40, generator=gen) < 0.5
@@ -168,7 +179,7 @@ def test_sparse_decode_matches_dense_decode_and_its_gradients():
     sparse = grads(auxk_decode(sae, z, dead, 3))
     vals, idx = z.masked_fill(~dead, float("-inf")).topk(3, dim=-1)
     code = torch.zeros_like(z).scatter(-1, idx, vals.relu())
-    dense = grads(code @ sae.W_dec)
+    dense = grads(code @ sae.atoms())
     for a, b in zip(sparse, dense):
         torch.testing.assert_close(a, b)
 
@@ -188,6 +199,8 @@ def _perturbed(arch: str, **kw) -> SAE:
     torch.manual_seed(1)
     sae = SAE(8, 24, cfg(architecture=arch, d_sae=24, k=4, **kw))
     with torch.no_grad():
+        if not sae.unit_decoder:  # free atoms of unequal norms, as training leaves them
+            sae.W_dec.mul_(torch.rand(24, 1) * 2 + 0.2)
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.5)
         if arch == "jumprelu":
@@ -200,10 +213,14 @@ def _perturbed(arch: str, **kw) -> SAE:
     return sae.eval()
 
 
-@pytest.mark.parametrize("arch,theta_param", [("jumprelu", "log"), ("jumprelu", "raw"),
-                                              ("topk", "log"), ("batchtopk", "log")])
-def test_export_folds_the_scale(tmp_path, arch, theta_param):
-    sae = _perturbed(arch, theta_param=theta_param)
+@pytest.mark.parametrize("arch,theta_param,decoder_norm", [
+    ("jumprelu", "log", "unit"), ("jumprelu", "raw", "unit"), ("jumprelu", "raw", "free"),
+    ("topk", "log", "unit"), ("topk", "log", "free"), ("batchtopk", "log", "unit"),
+    ("batchtopk", "log", "free")])
+def test_export_folds_the_scale(tmp_path, arch, theta_param, decoder_norm):
+    """Exported (raw x, unit form) = trained on C x, divided by C; free TopK/BatchTopK
+    atoms are also folded to unit norm, their norms moved into the encoder."""
+    sae = _perturbed(arch, theta_param=theta_param, decoder_norm=decoder_norm)
     C = 3.7
     export_sae(sae, tmp_path, scale=C, meta={"model_name": "tiny"})
     loaded = load_sae(tmp_path)
@@ -213,6 +230,8 @@ def test_export_folds_the_scale(tmp_path, arch, theta_param):
     assert torch.equal(f2 != 0, f != 0)
     torch.testing.assert_close(f2, f / C, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x_hat2, x_hat / C, rtol=1e-5, atol=1e-6)
+    if arch != "jumprelu":
+        torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(24))
     spec = json.loads((tmp_path / "cfg.json").read_text())
     assert spec["architecture"] == ("topk" if arch == "topk" else "jumprelu")
     assert spec["normalize_activations"] == "none"

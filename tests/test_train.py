@@ -79,7 +79,8 @@ def test_recovers_a_known_dictionary(arch, lr, extra):
             l0_warmup_steps=100, log_every=100, **extra)
     res = train(c, batches(512), d_in=32, n_tokens=512 * 800, lr=lr, device="cpu", seed=0,
                 eval_batches=batches(512, start=10**6), eval_n_batches=4)
-    best_cos = (atoms @ res.sae.W_dec.detach().t()).max(1).values
+    W = res.sae.W_dec.detach()
+    best_cos = (atoms @ (W / W.norm(dim=1, keepdim=True)).t()).max(1).values
     assert (best_cos > 0.9).float().mean() >= 0.9
     assert res.metrics["fvu"] < 0.2 and 2 <= res.metrics["l0"] <= 5
     for key in ("mse", "fvu", "l0", "dead_fraction", "frac_active_gt_1pct",
@@ -228,13 +229,16 @@ def test_lr_and_token_sources(tmp_path):
     assert resolve_tokens(cfg(n_tokens=None), budget) == (2_100_000_000, str(budget))
 
 
-def test_free_decoder_norm_starts_small_and_is_left_to_training():
-    """sae.decoder_norm=free (SAELens's JumpReLU): atoms start at encoder_init_scale, W_enc =
-    W_dec^T, and training neither projects nor renormalises them."""
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_free_decoder_norm_starts_small_and_is_left_to_training(arch):
+    """sae.decoder_norm=free (SAELens): atoms start at encoder_init_scale, W_enc = W_dec^T,
+    and training neither projects nor renormalises them. TopK picks and decodes with the
+    unit atoms, the norms scaling its pre-activations."""
     from saelab.sae import SAE
 
-    c = dataclasses.replace(SAECfg(), d_sae=32, batch_size=64, decoder_norm="free",
-                            encoder_init_scale=0.1, lr_warmup_steps=0, l0_warmup_steps=0)
+    c = dataclasses.replace(SAECfg(), architecture=arch, k=4, d_sae=32, batch_size=64,
+                            decoder_norm="free", encoder_init_scale=0.1, lr_warmup_steps=0,
+                            l0_warmup_steps=0)
     sae = SAE(8, 32, c)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((32,), 0.1))
     assert torch.equal(sae.W_enc, sae.W_dec.t())
@@ -249,3 +253,11 @@ def test_free_decoder_norm_starts_small_and_is_left_to_training():
     norms = res.sae.W_dec.detach().norm(dim=1)
     assert (norms - 0.1).abs().max() > 1e-3  # moved by training...
     assert (norms - 1.0).abs().max() > 1e-3  # ...and not renormalised to 1
+    if arch == "topk":
+        x = torch.randn(16, 8, generator=gen)
+        with torch.no_grad():
+            z = (x - res.sae.b_dec) @ res.sae.W_enc + res.sae.b_enc
+            torch.testing.assert_close(res.sae.pre_acts(x), z * norms)
+            f = res.sae.encode(x)
+            torch.testing.assert_close(res.sae.decode(f),
+                                       f @ (res.sae.W_dec / norms[:, None]) + res.sae.b_dec)

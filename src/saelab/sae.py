@@ -142,10 +142,16 @@ class SAE(nn.Module):
         nn.init.kaiming_uniform_(W, a=0.0, mode="fan_in", nonlinearity="relu")
         W_dec = W.t().contiguous()
         W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        enc_scale = cfg.encoder_init_scale if self.arch == "jumprelu" else 1.0
+        self.unit_decoder = cfg.unit_decoder
+        # TopK/BatchTopK with free norms (SAELens's rescale_acts_by_decoder_norm): they pick
+        # and decode with the unit atoms W_dec / |W_dec|, scaling each pre-activation by its
+        # atom's norm, so the model is still a unit-atom SAE; the stored norms only set how
+        # far an Adam step turns each atom (~lr / norm).
+        self.rescale = not self.unit_decoder and self.arch != "jumprelu"
+        unit_topk = self.arch != "jumprelu" and self.unit_decoder
+        enc_scale = 1.0 if unit_topk else cfg.encoder_init_scale
         self.W_enc = nn.Parameter(W_dec.t() * enc_scale)
-        # Free JumpReLU atoms start at norm encoder_init_scale, so W_enc = W_dec^T (SAELens).
-        self.unit_decoder = self.arch != "jumprelu" or cfg.decoder_norm == "unit"
+        # Free atoms start at norm encoder_init_scale, so W_enc = W_dec^T (SAELens).
         self.W_dec = nn.Parameter(W_dec if self.unit_decoder else W_dec * enc_scale)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
@@ -176,9 +182,30 @@ class SAE(nn.Module):
         # (x - b_dec) W_enc + b_enc, written x W_enc + (b_enc - b_dec W_enc) so that no
         # gradient flows into the [batch, d_in] input: that saves backward a whole matmul
         # (b_dec's gradient through the encoder becomes a vector-matrix product).
-        bias = self.b_enc - self.b_dec @ self.W_enc
-        z = torch.addmm(bias, x.reshape(-1, self.d_in), self.W_enc)
+        W_enc, b_enc = self.encoder()
+        bias = b_enc - self.b_dec @ W_enc
+        z = torch.addmm(bias, x.reshape(-1, self.d_in), W_enc)
         return z.view(*x.shape[:-1], self.d_sae)
+
+    def encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_enc, b_enc) as the model applies them: with the rescale, each latent's column
+        times its atom's norm (scaling the small weights, not the [batch, d_sae] output)."""
+        if not self.rescale:
+            return self.W_enc, self.b_enc
+        norms = self.W_dec.norm(dim=1)
+        return self.W_enc * norms, self.b_enc * norms
+
+    def atoms(self) -> torch.Tensor:
+        """The decoder atoms the model reconstructs with: W_dec, or W_dec / |W_dec| when
+        TopK/BatchTopK rescale by the decoder norms."""
+        if self.rescale:
+            return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self.W_dec
+
+    def unit_form(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_enc, b_enc, W_dec) of the same function without the rescale: the norms
+        folded into the encoder (SAELens's fold_W_dec_norm), for export."""
+        return *self.encoder(), self.atoms()
 
     def activate(self, z: torch.Tensor) -> torch.Tensor:
         if self.arch == "jumprelu":
@@ -195,7 +222,7 @@ class SAE(nn.Module):
         return self.activate(self.pre_acts(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        x_hat = torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.W_dec)
+        x_hat = torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.atoms())
         return x_hat.view(*f.shape[:-1], self.d_in)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +312,7 @@ def topk_decode(sae: SAE, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """TopK forward for training: (x_hat, indices, values) without a dense [batch, d_sae] f."""
     vals, idx = z.topk(sae.cfg.k, dim=-1, sorted=False)
     vals = vals.relu().to(sae.W_dec.dtype)
-    return sparse_decode(idx, vals, sae.W_dec) + sae.b_dec, idx, vals
+    return sparse_decode(idx, vals, sae.atoms()) + sae.b_dec, idx, vals
 
 
 def auxk_decode(sae: SAE, z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
@@ -295,7 +322,7 @@ def auxk_decode(sae: SAE, z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> to
     """
     masked = z.masked_fill(~dead, float("-inf"))
     vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-    return sparse_decode(idx, vals.relu(), sae.W_dec.to(z.dtype))
+    return sparse_decode(idx, vals.relu(), sae.atoms().to(z.dtype))
 
 
 # --- export / load (SAELens layout) ----------------------------------------------------
@@ -314,10 +341,11 @@ def export_sae(sae: SAE, out_dir: Path, *, scale: float, meta: dict[str, Any]) -
     out_dir.mkdir(parents=True, exist_ok=True)
     c = float(scale)
     with torch.no_grad():
+        W_enc, b_enc, W_dec = sae.unit_form()
         tensors = {
-            "W_enc": sae.W_enc.detach().float().cpu(),
-            "W_dec": sae.W_dec.detach().float().cpu(),
-            "b_enc": sae.b_enc.detach().float().cpu() / c,
+            "W_enc": W_enc.detach().float().cpu(),
+            "W_dec": W_dec.detach().float().cpu(),
+            "b_enc": b_enc.detach().float().cpu() / c,
             "b_dec": sae.b_dec.detach().float().cpu() / c,
         }
         if sae.arch != "topk":
@@ -369,8 +397,10 @@ def load_sae(path: Path, device: str | torch.device = "cpu") -> SAE:
     if arch not in ("jumprelu", "topk"):
         raise SaelabError(f"{path / CFG_FILE}: architecture {arch!r} is not supported; "
                           "expected jumprelu or topk")
+    # Exports are in unit form (norms folded into the encoder): load them as such.
     sae_cfg = dataclasses.replace(SAECfg(), architecture=arch, d_sae=cfg["d_sae"],
-                                  theta_param="raw", k=int(cfg.get("k", SAECfg.k)))
+                                  theta_param="raw", decoder_norm="unit",
+                                  k=int(cfg.get("k", SAECfg.k)))
     sae = SAE(cfg["d_in"], cfg["d_sae"], sae_cfg)
     weights = load_file(str(path / WEIGHTS_FILE))
     state = {k: weights[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}

@@ -6,7 +6,7 @@ config fingerprint) make the stage resume by itself; a NaN/Inf guard stops it cl
 
 One step: loss = ||x - x_hat||^2 + lambda * sparsity (+ AuxK for TopK/BatchTopK), backward,
 decoder-gradient projection, gradient-norm clip, Adam, decoder renormalisation (the two
-decoder steps only for unit-norm atoms: JumpReLU with sae.decoder_norm "free" skips them).
+decoder steps only for unit-norm atoms: sae.decoder_norm "free" skips them).
 fp32 master weights; bf16 autocast for the matmuls on CUDA only; theta stays fp32; no
 GradScaler. Under torchrun each rank takes batch_size / world_size rows of every global
 batch and DistributedDataParallel averages the gradients.
@@ -137,7 +137,7 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas,
                            eps=cfg.adam_eps)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=cfg.autocast_bf16 and device.type == "cuda")
