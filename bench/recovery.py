@@ -6,7 +6,8 @@ expected_l0 / n_atoms (E L0 = 4), magnitudes U(0.5, 1.5), plus N(0, 0.01^2) nois
 dimension; activations scaled by one C so E||C x||^2 = 1 (as the trainer expects). With
 L0 = 4 << d_in = 64 the sparse code is unique, so a good SAE's decoder rows should
 match the atoms. Score: fraction of true atoms whose best decoder row has cosine > 0.9,
-plus L0 and FVU on fresh held-out samples. Every trainer sees the same batches and the
+plus L0, FVU and the fraction of latents that never fire (dead) on 16,384 fresh held-out
+samples. Every trainer sees the same batches and the
 same token count.
 
 Recipes: JumpReLU rows use Gemma Scope's Adam betas (0, 0.999) and lambda = 0.01, the
@@ -65,7 +66,7 @@ def score(data: KnownDictionary, W_dec: torch.Tensor, encode_decode) -> dict:
         x_hat, f = encode_decode(x)
     fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     return {"recovered": float((best > 0.9).float().mean()), "l0": float((f > 0).sum(-1).float().mean()),
-            "fvu": float(fvu)}
+            "fvu": float(fvu), "dead": float(((f > 0).sum(0) == 0).float().mean())}
 
 
 def beta1(arch: str) -> float:
@@ -158,7 +159,7 @@ def main() -> None:
           f"noise={args.noise} d_sae={args.d_sae} batch={args.batch} steps={args.steps} "
           f"tokens={args.batch * args.steps} l0_coeff={args.l0_coeff} k={args.k} seeds={seeds}")
     print(f"{'trainer':31s} {'lr':>7s} {'recovered':>9s} {'min':>6s} {'L0':>6s} {'FVU':>7s} "
-          f"{'seconds':>8s}")
+          f"{'dead':>6s} {'seconds':>8s}")
     datasets = [KnownDictionary(args.d_in, args.atoms, args.expected_l0, args.noise, s)
                 for s in seeds]
     best: dict[str, tuple[float, float]] = {}
@@ -167,7 +168,7 @@ def main() -> None:
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
         worst = min(r["recovered"] for r in rs)
         print(f"{name:31s} {lr:7.0e} {mean['recovered']:9.3f} {worst:6.3f} {mean['l0']:6.2f} "
-              f"{mean['fvu']:7.4f} {mean['seconds']:8.1f}", flush=True)
+              f"{mean['fvu']:7.4f} {mean['dead']:6.3f} {mean['seconds']:8.1f}", flush=True)
         if mean["recovered"] > best.get(name, (-1.0, 0.0))[0]:
             best[name] = (mean["recovered"], lr)
     print("\nat each trainer's best learning rate (mean over seeds):")
