@@ -24,3 +24,18 @@ def isolated_mlflow(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture
+def gated_repo():
+    """gated_repo(url): a stand-in for a Hub call on a gated repo the token cannot read;
+    it raises what huggingface_hub raises there (a 403 GatedRepoError for `url`)."""
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError
+
+    def make(url: str):
+        def call(*args, **kwargs):
+            raise GatedRepoError("gated", response=httpx2.Response(
+                403, request=httpx2.Request("GET", url)))
+        return call
+    return make

@@ -3,10 +3,8 @@ import json
 import os
 import shutil
 
-import httpx2
 import pytest
 import torch
-from huggingface_hub.errors import GatedRepoError
 
 from saelab import base_model, tokenizer
 from saelab.base_model import build_model_config, check_layer, fetch_model, load_model
@@ -131,17 +129,13 @@ def test_hub_without_token_fails_before_any_download(tmp_path, monkeypatch):
     assert not (tmp_path / "base").exists() and not (tmp_path / "base.json").exists()
 
 
-def test_gated_model_is_one_clear_line(tmp_path, monkeypatch):
+def test_gated_model_is_one_clear_line(tmp_path, monkeypatch, gated_repo):
     import huggingface_hub
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
 
-    def gated(*args, **kwargs):
-        url = "https://huggingface.co/api/models/meta-llama/Llama-3.2-1B"
-        raise GatedRepoError("gated", response=httpx2.Response(
-            403, request=httpx2.Request("GET", url)))
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", gated)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", gated_repo(
+        "https://huggingface.co/api/models/meta-llama/Llama-3.2-1B"))
     with pytest.raises(SaelabError, match=r"meta-llama/Llama-3\.2-1B is gated.*"
                                           r"https://huggingface\.co/meta-llama/Llama-3\.2-1B"):
         fetch_model(parse_params({"model": HUB}), tmp_path / "base", tmp_path / "base.json")

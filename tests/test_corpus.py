@@ -229,19 +229,12 @@ def test_oscar_without_token_fails_before_any_request(tmp_path, monkeypatch):
     assert hub.calls == [] and not (tmp_path / "c").exists()
 
 
-def test_gated_dataset_error_is_one_clear_line(tmp_path, monkeypatch):
-    import httpx2
+def test_gated_dataset_error_is_one_clear_line(tmp_path, monkeypatch, gated_repo):
     import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-
-    def gated(*args, **kwargs):
-        url = "https://huggingface.co/api/datasets/oscar-corpus/oscar"
-        raise GatedRepoError("gated", response=httpx2.Response(
-            403, request=httpx2.Request("GET", url)))
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", gated)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", gated_repo(
+        "https://huggingface.co/api/datasets/oscar-corpus/oscar"))
     with pytest.raises(SaelabError, match=r"oscar-corpus/oscar is gated.*accept its terms"):
         fetch_corpus(_params(source="oscar"), tmp_path / "c")
 
