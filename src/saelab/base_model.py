@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from . import paths
+from . import atomic, paths
 from .config import ModelCfg, Params
 from .errors import SaelabError
 from .hub_share import hub_errors, hub_token
@@ -162,7 +162,7 @@ def fetch_model(params: Params, out_dir: Path = paths.MODEL_DIR,
         "eos_token_id": EOS_ID,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(json_path, json.dumps(info, indent=2) + "\n")
     return info
 
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from . import atomic, paths
 from .config import BudgetCfg, Params, load_params
 
 _SECONDS_PER_HOUR = 3600.0
@@ -126,8 +126,8 @@ def write_budget(params: Params, json_path: Path = paths.BUDGET_JSON,
     budget = compute_budget(params.budget, measured_tokens_per_s)
     for p in (Path(json_path), Path(md_path)):
         p.parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(budget, indent=2) + "\n", encoding="utf-8")
-    Path(md_path).write_text(budget_markdown(budget), encoding="utf-8")
+    atomic.write_text(json_path, json.dumps(budget, indent=2) + "\n")
+    atomic.write_text(md_path, budget_markdown(budget))
     return budget
 
 

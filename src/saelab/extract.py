@@ -208,10 +208,7 @@ def rows_per_batch(batch_tokens: int, context_len: int) -> int:
 
 def stream_activations(model: nn.Module, rows_iter: Iterable[np.ndarray], *, layer: int,
                        hook: str, batch_tokens: int, device: torch.device | str,
-                       exclude_special: bool = True,
-                       special_ids: Collection[int] = LLAMA3_SPECIAL_IDS,
-                       outlier_k: float = 0.0, first_row: int = 0,
-                       ) -> Iterator[ActivationBatch]:
+                       first_row: int = 0) -> Iterator[ActivationBatch]:
     """(acts [n, d], token_ids, index) per forward of ~`batch_tokens` tokens, without disk.
 
     `rows_iter` yields packed rows (`token_rows`); `acts` stay on `device` in the model's
@@ -221,9 +218,8 @@ def stream_activations(model: nn.Module, rows_iter: Iterable[np.ndarray], *, lay
     first = next(rows_iter, None)
     if first is None:
         return
-    source = ActivationSource(model, layer=layer, hook=hook, device=device,
-                              exclude_ids=special_ids if exclude_special else (),
-                              outlier_k=outlier_k)
+    # ActivationSource's default drops Llama-3's special tokens (BOS and the rest).
+    source = ActivationSource(model, layer=layer, hook=hook, device=device)
     rows = itertools.chain([first], rows_iter)
     for start, block in batched_rows(rows, rows_per_batch(batch_tokens, len(first)), first_row):
         yield source(block, start)

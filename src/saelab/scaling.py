@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import paths, plots
+from . import atomic, paths, plots
 from .budget import write_budget
 from .config import Params, SAECfg, ScalingCfg
 from .errors import SaelabError
@@ -529,7 +529,7 @@ def write_outputs(result: dict[str, Any], rows: Sequence[dict[str, Any]],
     report = {k: v for k, v in result.items() if k != "curves"}
     report["pilots"] = table
     fit_json = out_dir / paths.FIT_JSON.name
-    fit_json.write_text(json.dumps(_json_safe(report), indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(fit_json, json.dumps(_json_safe(report), indent=2) + "\n")
     written["fit_json"] = fit_json
     return written
 

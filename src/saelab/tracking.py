@@ -108,9 +108,9 @@ def stage_tags(stage: str, params: Params) -> dict[str, str]:
     }
 
 
-def _param_dict(params: Params) -> dict[str, str]:
-    flat = flatten(to_dict(params))
-    return {k: str(scrub(v))[:_MAX_PARAM_LEN] for k, v in flat.items()}
+def _clean_params(params: dict[str, Any]) -> dict[str, str]:
+    """MLflow param values: secrets scrubbed, cut to MLflow's length limit."""
+    return {k: str(scrub(v))[:_MAX_PARAM_LEN] for k, v in params.items()}
 
 
 @contextlib.contextmanager
@@ -122,7 +122,7 @@ def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterat
     exp = os.environ.get("DVC_EXP_NAME", "")
     name = run_name or (f"{stage}:{exp}" if exp else stage)
     with mlflow.start_run(run_name=name, tags=stage_tags(stage, params)) as run:
-        mlflow.log_params(_param_dict(params))
+        mlflow.log_params(_clean_params(flatten(to_dict(params))))
         yield run
 
 
@@ -131,7 +131,7 @@ def nested_run(name: str, params: dict[str, Any], tags: dict[str, str] | None = 
     import mlflow
 
     with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
-        mlflow.log_params({k: str(scrub(v))[:_MAX_PARAM_LEN] for k, v in params.items()})
+        mlflow.log_params(_clean_params(params))
         yield run
 
 

@@ -128,8 +128,6 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
                           f"{cfg.batch_size}; raise sae.n_tokens or lower sae.batch_size")
     if not (lr > 0 and math.isfinite(lr)):
         raise SaelabError(f"learning rate must be a positive number, got {lr}")
-    if cfg.architecture != "jumprelu" and cfg.k > cfg.d_sae:
-        raise SaelabError(f"sae.k = {cfg.k} exceeds sae.d_sae = {cfg.d_sae}")
 
     torch.manual_seed(seed)
     sae = SAE(d_in, cfg.d_sae, cfg).to(device)
@@ -227,7 +225,6 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
             "frac_active_gt_10pct": float((density > 0.1).double().mean()),
         }
         st["history"].append(row)
-        st["last_window"] = row
         st["win_counts"].zero_()
         st["win"].zero_()
         if log_fn is not None and rank == 0:
@@ -298,7 +295,7 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     check_finite()
 
     sae.eval()
-    last_row = st.get("last_window") or (st["history"][-1] if st["history"] else {})
+    last_row = st["history"][-1] if st["history"] else {}
     metrics: dict[str, Any] = {
         "steps": total_steps, "tokens": total_steps * cfg.batch_size,
         "tokens_per_s": steps_run * cfg.batch_size / elapsed if steps_run and elapsed > 0

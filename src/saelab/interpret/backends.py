@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
-from ..atomic import write_text
+from ..atomic import read_json, write_text
 from ..errors import SaelabError
 from .cache import Request, ResponseCache
 
@@ -144,13 +144,12 @@ class BatchState:
         self.lock = threading.Lock()
 
     def load(self) -> dict[str, dict[str, Any]]:
-        if not self.path.exists():
+        data = read_json(self.path)
+        if data is None:
+            if self.path.exists():
+                log.warning("ignoring unreadable batch state file %s", self.path)
             return {}
-        try:
-            return json.loads(self.path.read_text(encoding="utf-8")).get("batches", {})
-        except (OSError, json.JSONDecodeError):
-            log.warning("ignoring unreadable batch state file %s", self.path)
-            return {}
+        return data.get("batches", {})
 
     def _save(self, batches: dict[str, dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

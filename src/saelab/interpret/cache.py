@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import sweep_dead_writers, write_text
+from ..atomic import read_json, sweep_dead_writers, write_text
 
 
 def canonical(obj: Any) -> str:
@@ -51,13 +51,8 @@ class ResponseCache:
         return self.dir / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> dict[str, Any] | None:
-        path = self._path(key)
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None  # a torn file from a killed writer: treat as missing
+        # A torn file from a killed writer reads as missing.
+        return read_json(self._path(key))
 
     def put(self, key: str, response: dict[str, Any]) -> None:
         path = self._path(key)

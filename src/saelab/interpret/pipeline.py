@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import paths
+from ..atomic import write_text
 from ..config import InterpretCfg
 from ..errors import SaelabError
 from ..tracking import log_artifact, log_metrics, repo_root
@@ -205,12 +206,12 @@ def _write_outputs(results: list[LatentResult], table: list[bytes], cfg: Interpr
     summary = _summary(results, cfg.scorers)
     metrics = {"backend": cfg.backend, "model": cfg.model, "summary": summary, "cost": cost,
                "latents": {str(r.latent): _latent_metrics(r) for r in results}}
-    (out_dir / "explanations.json").write_text(json.dumps(
+    write_text(out_dir / "explanations.json", json.dumps(
         [{"latent": r.latent, "explanation": r.explanation, "completions": r.completions,
           "error": r.error or None, "skipped": r.samples.skipped or None, "scores": r.scores}
-         for r in results], indent=1, ensure_ascii=False), encoding="utf-8")
+         for r in results], indent=1, ensure_ascii=False))
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_text(metrics_path, json.dumps(metrics, indent=1, ensure_ascii=False))
     write_report(out_dir, results, table, cfg, summary, cost)
     log_metrics({"interpret": summary, "cost": cost})
     for r in results:  # per-latent scores as MLflow series over the latent id
@@ -244,7 +245,7 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
 
     explain = {r.latent: _explain_request(r.samples, table, cfg) for r in live}
     request_file = out_dir / "requests.jsonl"
-    request_file.write_text(request_file_lines(explain.values()), encoding="utf-8")
+    write_text(request_file, request_file_lines(explain.values()))
     plan = _plan(live, explain, table, cfg, seed, cache, counter, prices)
     cost: dict[str, Any] = {
         "token_count_method": plan.method, "token_count_exact": counter.exact,
@@ -268,7 +269,6 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
         budget.check(plan, "this run")
         sender = _Sender(cfg, cache, budget, counter, sleep)
         scoring = _explain_and_score(live, explain, table, cfg, seed, sender, cache)
-        request_file.write_text(request_file_lines(list(explain.values()) + scoring),
-                                encoding="utf-8")
+        write_text(request_file, request_file_lines(list(explain.values()) + scoring))
         cost.update(spent_usd=budget.spent, requests_sent=sender.sent)
     return _write_outputs(results, table, cfg, cost, out_dir, Path(metrics_path))
