@@ -53,15 +53,16 @@ def latent_activations(store, sae, latents: list[int],
     cols = torch.tensor(latents, device=device)
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in latents}
     for offset, f in _encoded(store, sae, device, "latent activations"):
-        sub = f.index_select(1, cols)
-        rows, which = torch.nonzero(sub > 0, as_tuple=True)
-        vals = sub[rows, which].float().cpu().numpy()
+        # Transposed, nonzero comes out grouped by latent (rows ascending within each):
+        # one split per chunk instead of a scan of all hits per latent.
+        sub = f.index_select(1, cols).t()
+        which, rows = torch.nonzero(sub > 0, as_tuple=True)
+        vals = sub[which, rows].float().cpu().numpy()
         rows = rows.cpu().numpy() + offset
-        which = which.cpu().numpy()
-        for j, latent in enumerate(latents):
-            sel = which == j
-            if sel.any():
-                parts[latent].append((rows[sel], vals[sel]))
+        bounds = torch.bincount(which, minlength=len(latents)).cumsum(0)[:-1].cpu().numpy()
+        for latent, r, v in zip(latents, np.split(rows, bounds), np.split(vals, bounds)):
+            if len(r):
+                parts[latent].append((r, v))
     out = {}
     for latent, ps in parts.items():
         if ps:
