@@ -452,8 +452,10 @@ def _run(params) -> None:
             return prefetch((b.pin_memory() for b in it) if device.type == "cuda" else it)
         source = "store"
 
-    heldout_rows = _heldout_rows(params, tokenizer) if have_model else []
-    eval_batches = _eval_batches(params, model, store, heldout_rows, scale, device)
+    # Held-out metrics are rank 0's to report: the other processes skip building them.
+    heldout_rows = _heldout_rows(params, tokenizer) if have_model and rank == 0 else []
+    eval_batches = _eval_batches(params, model, store, heldout_rows, scale, device) \
+        if rank == 0 else None
     if rank == 0 and mlflow.active_run():
         mlflow.log_params({"train.lr": lr, "train.n_tokens": n_tokens, "train.d_in": d_in,
                            "train.world_size": world, "train.data_source": source})
