@@ -67,6 +67,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_problem(path: Path, entry: dict[str, Any], source: str = "the manifest") -> str | None:
+    """What is wrong with `path` against its manifest entry (missing, size, sha256), or
+    None. The size goes first, so a truncated file is not hashed."""
+    if not path.is_file():
+        return f"{path.name}: missing (listed in {source})"
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        return f"{path.name}: {size} bytes, {source} says {entry.get('bytes')}"
+    if sha256_file(path) != entry.get("sha256"):
+        return f"{path.name}: sha256 differs from {source}"
+    return None
+
+
 def _write_json(path: Path, obj: Any) -> None:
     atomic.write_text(path, json.dumps(obj, indent=1) + "\n")
 
@@ -213,8 +226,7 @@ class StoreWriter:
     def _sound_prefix(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for i, shard in enumerate(shards):
             for entry in shard["files"].values():
-                path = self.out_dir / entry["file"]
-                if not path.is_file() or sha256_file(path) != entry["sha256"]:
+                if file_problem(self.out_dir / entry["file"], entry):
                     log.warning("shard %d is damaged (%s): recomputing from there", i,
                                 entry["file"])
                     return shards[:i]
@@ -539,14 +551,10 @@ class ActivationStore:
                     problems: list[str]) -> np.ndarray | None:
         """Problems of one file; its contents (memmap) when they can be read."""
         path = self.path / entry["file"]
-        if not path.is_file():
-            problems.append(f"{entry['file']}: missing")
-            return None
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            problems.append(f"{entry['file']}: {size} bytes, manifest says {entry['bytes']}")
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['file']}: sha256 differs from the manifest")
+        if problem := file_problem(path, entry):
+            problems.append(problem)
+            if not path.is_file():
+                return None
         try:
             arr = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as e:

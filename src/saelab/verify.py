@@ -109,24 +109,16 @@ def _check_tensors(path: Path, cfg: dict[str, Any]) -> list[str]:
 
 
 def _check_manifest(sae_dir: Path) -> list[str]:
-    from .store import sha256_file
+    from .store import file_problem
 
     path = sae_dir / MANIFEST_FILE
     try:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{MANIFEST_FILE}: unreadable ({type(e).__name__}: {e})"]
-    problems = []
-    for name, entry in sorted(files.items()):
-        f = sae_dir / name
-        if not f.is_file():
-            problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
-        elif f.stat().st_size != entry.get("bytes"):
-            problems.append(f"{name}: {f.stat().st_size} bytes, {MANIFEST_FILE} says "
-                            f"{entry.get('bytes')}")
-        elif sha256_file(f) != entry.get("sha256"):
-            problems.append(f"{name}: sha256 differs from {MANIFEST_FILE}")
-    return problems
+    problems = [file_problem(sae_dir / name, entry, MANIFEST_FILE)
+                for name, entry in sorted(files.items())]
+    return [p for p in problems if p]
 
 
 def verify_sae(sae_dir: Path) -> list[str]:
