@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .atomic import atomic_path  # noqa: E402
+
 
 def new_figure(title: str, xlabel: str, ylabel: str, *, logx: bool = False,
                logy: bool = False, size: tuple[float, float] = (6.0, 4.0)) -> tuple[Figure, Axes]:
@@ -40,12 +42,13 @@ def save(fig: Figure, path: str | Path) -> Path:
 
 def write_csv(path: str | Path, rows: Iterable[dict[str, Any]],
               columns: list[str] | None = None) -> Path:
-    """Rows of dicts as CSV; the columns are `columns` or the first row's keys."""
+    """Rows of dicts as CSV (written whole, then renamed into place); the columns are
+    `columns` or the first row's keys, other keys are left out."""
     rows = list(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = columns or (list(rows[0]) if rows else [])
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -393,17 +393,6 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return _dist()
 
 
-def write_curves(history: list[dict], path: Path) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(CURVE_COLUMNS)
-        for row in history:
-            w.writerow([row[c] for c in CURVE_COLUMNS])
-
-
 def _run(params) -> None:
     import shutil
 
@@ -489,6 +478,7 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     import shutil
 
     from . import paths
+    from .plots import write_csv
     from .sae import export_sae
     from .tracking import log_artifact, log_metrics
 
@@ -517,7 +507,7 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
                           else "store sample"}}
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(paths.TRAIN_METRICS, json.dumps(report, indent=2) + "\n")
-    write_curves(result.history, paths.TRAIN_DIR / CURVES_CSV)
+    write_csv(paths.TRAIN_DIR / CURVES_CSV, result.history, list(CURVE_COLUMNS))
     log_metrics({"final": metrics})
     for p in (paths.TRAIN_METRICS, paths.TRAIN_DIR / CURVES_CSV):
         log_artifact(p, "train")
