@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # Known fake secrets: the pipeline runs with them set and must never write them anywhere.

@@ -1,5 +1,4 @@
 import mlflow
-import pytest
 
 from saelab import tracking
 from saelab.config import parse_params

@@ -328,7 +328,7 @@ def best_lr_parabola(lrs: Sequence[float], losses: Sequence[float], *, neighbour
                        f"{10 ** x.max():.3g}]; refine scaling.lr_grid around the best learning "
                        "rate (or lower scaling.parabola_neighbours)")
     yhat = design @ p
-    n, dof = len(x), len(x) - 3
+    dof = len(x) - 3
     resid_sd = loss_se = None
     if dof > 0:
         resid_sd = math.sqrt(float(np.sum((y - yhat) ** 2)) / dof)

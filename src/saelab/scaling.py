@@ -35,9 +35,8 @@ import math
 import multiprocessing
 import os
 import time
-from itertools import count
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -96,16 +95,6 @@ def heldout_split(n_tokens: int, eval_tokens: int, batch_size: int) -> int:
     return n_train
 
 
-def train_batches(store, n_train: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches from the first `n_train` vectors (a fresh permutation per
-    epoch, the remainder dropped), normalised like train_sae's."""
-    per_epoch = n_train // batch_size
-    for epoch in count():
-        perm = np.random.default_rng([seed, epoch]).permutation(n_train)
-        for j in range(per_epoch):
-            yield store.gather(np.sort(perm[j * batch_size:(j + 1) * batch_size]))
-
-
 def run_pilot(params: Params, d_sae: int, lr: float, seed: int, store_dir: str,
               threads: int | None = None) -> dict[str, Any]:
     """Train one pilot and evaluate it on the held-out slice. A pilot the trainer stops
@@ -121,7 +110,7 @@ def run_pilot(params: Params, d_sae: int, lr: float, seed: int, store_dir: str,
                            "error": "", "history": []}
     t0 = time.perf_counter()
     try:
-        result = train(cfg, train_batches(store, n_train, s.batch_size, seed),
+        result = train(cfg, store.iter_batches(s.batch_size, seed=seed, n_tokens=n_train),
                        d_in=store.d, n_tokens=s.n_tokens, lr=lr,
                        device=resolve_device(params), seed=seed,
                        eval_batches=iter(heldout.split(s.batch_size)),

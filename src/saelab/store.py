@@ -474,27 +474,29 @@ class ActivationStore:
 
     def iter_batches(self, batch_size: int, *, seed: int, start_batch: int = 0,
                      normalise: bool = True, rank: int = 0, world_size: int = 1,
-                     ) -> Iterator[torch.Tensor]:
-        """Endless shuffled batches of float32 [batch_size // world_size, d].
+                     n_tokens: int | None = None) -> Iterator[torch.Tensor]:
+        """Endless shuffled batches of float32 [batch_size // world_size, d] from the first
+        `n_tokens` stored vectors (all of them by default).
 
         Batch k is a pure function of (seed, k): epoch e = k // batches_per_epoch draws its
-        own permutation of all tokens, the remainder of an epoch is dropped. So starting at
+        own permutation of those tokens, the remainder of an epoch is dropped. So starting at
         `start_batch` reproduces an uninterrupted run, and rank r of `world_size` takes the
         r-th slice of every global batch (disjoint, together the whole batch).
         """
-        if batch_size > self.n_tokens:
-            raise SaelabError(f"batch size {batch_size} exceeds the {self.n_tokens} tokens in "
+        n_tokens = self.n_tokens if n_tokens is None else min(n_tokens, self.n_tokens)
+        if batch_size > n_tokens:
+            raise SaelabError(f"batch size {batch_size} exceeds the {n_tokens} tokens in "
                               f"{self.path}; raise extract.n_tokens or lower the batch size")
         if batch_size % world_size or not 0 <= rank < world_size:
             raise SaelabError(f"batch size {batch_size} must split evenly over {world_size} "
                               f"ranks (rank {rank})")
-        per_epoch = self.n_tokens // batch_size
+        per_epoch = n_tokens // batch_size
         per_rank = batch_size // world_size
         epoch, perm = -1, None
         for k in count(start_batch):
             e, j = divmod(k, per_epoch)
             if e != epoch:
-                epoch, perm = e, np.random.default_rng([seed, e]).permutation(self.n_tokens)
+                epoch, perm = e, np.random.default_rng([seed, e]).permutation(n_tokens)
             lo = j * batch_size + rank * per_rank
             yield self.gather(np.sort(perm[lo:lo + per_rank]), normalise=normalise)
 
