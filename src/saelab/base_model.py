@@ -181,16 +181,13 @@ def load_model(model_dir: Path = paths.MODEL_DIR, *, device: torch.device | str,
 
 
 def _run(params: Params) -> None:
-    import mlflow
-
-    from .tracking import log_artifact, log_metrics
+    from .tracking import log_artifact, log_metrics, set_tags
 
     info = fetch_model(params, paths.MODEL_DIR, paths.MODEL_JSON)
     log.info("%s: %s, %.3g parameters, revision %s", info["name"], info["config"],
              info["n_params"], info["revision"])
     log_metrics({"model": {**info["config"], "n_params": info["n_params"]}})
-    if mlflow.active_run():
-        mlflow.set_tags({"model.revision": info["revision"], "model.source": info["source"]})
+    set_tags({"model.revision": info["revision"], "model.source": info["source"]})
     log_artifact(paths.MODEL_JSON)
 
 

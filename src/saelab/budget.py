@@ -15,6 +15,7 @@ from typing import Any
 
 from . import atomic, paths
 from .config import BudgetCfg, Params, load_params
+from .errors import SaelabError
 
 _SECONDS_PER_HOUR = 3600.0
 
@@ -131,6 +132,34 @@ def write_budget(params: Params, json_path: Path = paths.BUDGET_JSON,
     return budget
 
 
-def budget_cli(params_path: str | Path = "params.yaml") -> str:
-    """What `saelab budget` prints (the caller prints it)."""
-    return budget_markdown(compute_budget(load_params(params_path).budget))
+def measured_rates(results_path: str | Path) -> tuple[dict[str, float], str]:
+    """End-to-end tokens/s from bench/gpu.py's results.json, keyed by GPU and rate, and a
+    line saying where they come from; ({}, why) when there is no usable GPU record."""
+    path = Path(results_path)
+    if not path.is_file():
+        return {}, f"no measured rates: {path} is absent (run bench/gpu.py on a GPU)"
+    data = atomic.read_json(path)
+    if not isinstance(data, dict) or data.get("suite") != "saelab bench/gpu.py":
+        raise SaelabError(f"{path} is not a results file of bench/gpu.py; rerun "
+                          "`python bench/gpu.py --out bench` on a GPU, or delete it")
+    machine = data.get("machine") or {}
+    if machine.get("dry_run"):
+        return {}, f"no measured rates: {path} is from a CPU --dry-run, not a GPU"
+    proj = (data.get("steps") or {}).get("projection") or {}
+    rates = (proj.get("figures") or {}).get("measured_tokens_per_s") or {}
+    rates = {k: v for k, v in rates.items() if isinstance(v, (int, float)) and v > 0}
+    if not rates:
+        return {}, f"no measured rates: the run in {path} measured none (see bench/RESULTS.md)"
+    gpu = machine.get("gpu") or "GPU"
+    return ({f"{gpu}: {name}": float(v) for name, v in rates.items()},
+            f"measured rates: {path} ({gpu}, {machine.get('date')}, commit "
+            f"{machine.get('commit')})")
+
+
+def budget_cli(params_path: str | Path = "params.yaml",
+               results_path: str | Path = paths.GPU_RESULTS) -> str:
+    """What `saelab budget` prints (the caller prints it): the peak-FLOP estimate and, when
+    bench/gpu.py's results are there, the hours at the rates it measured."""
+    rates, source = measured_rates(results_path)
+    budget = compute_budget(load_params(params_path).budget, rates)
+    return budget_markdown(budget) + f"\n{source}\n"

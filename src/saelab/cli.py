@@ -30,7 +30,7 @@ def _cmd_params(args) -> int:
 def _cmd_budget(args) -> int:
     from .budget import budget_cli
 
-    print(budget_cli(args.params))
+    print(budget_cli(args.params, args.results))
     return 0
 
 
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("budget", help="print the token, FLOP and GPU-hour budget")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--results", default="bench/results.json",
+                   help="bench/gpu.py's results: hours at its measured rates (when present)")
     p.set_defaults(func=_cmd_budget)
 
     p = sub.add_parser("verify", help="check the activation store and SAE export against their manifests")

@@ -1,5 +1,9 @@
 """MLflow bookkeeping: one run per stage execution, tagged so runs map back to DVC.
 
+`SAELAB_TRACKING=off` runs a stage without MLflow (a GPU image or cluster that lacks it,
+as bench/gpu.py's torchrun smoke does); the stage says so in its log. Every helper
+below is then a no-op.
+
 The tracking URI is `MLFLOW_TRACKING_URI` when set, else an absolute sqlite URI in
 the *user's* repository root. `dvc exp run --queue` executes in a copy under
 `.dvc/tmp/exps/`; a relative or copy-local URI would lose those runs, so the root
@@ -28,6 +32,22 @@ _SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow caps a param value's length; longer values are truncated, not rejected.
 _MAX_PARAM_LEN = 500
+
+
+def enabled() -> bool:
+    return os.environ.get("SAELAB_TRACKING", "on").strip().lower() not in ("off", "0", "false")
+
+
+def _mlflow():
+    """The mlflow module, or one clear error naming both ways out."""
+    try:
+        import mlflow
+    except ImportError as e:
+        from .errors import SaelabError
+        raise SaelabError(f"MLflow cannot be imported ({e}); install the project's "
+                          "requirements (`make install`), or set SAELAB_TRACKING=off to run "
+                          "this stage without tracking") from None
+    return mlflow
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -76,8 +96,7 @@ def setup() -> str:
     A lock serialises the first sqlite migration: parallel queue workers that each
     create a fresh database race otherwise.
     """
-    import mlflow
-
+    mlflow = _mlflow()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     lock_path = None
@@ -116,8 +135,11 @@ def _clean_params(params: dict[str, Any]) -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterator[Any]:
     """One MLflow run for one stage execution; logs every param and the DVC tags."""
-    import mlflow
-
+    if not enabled():
+        log.warning("SAELAB_TRACKING=off: this %s run is not recorded in MLflow", stage)
+        yield None
+        return
+    mlflow = _mlflow()
     setup()
     exp = os.environ.get("DVC_EXP_NAME", "")
     name = run_name or (f"{stage}:{exp}" if exp else stage)
@@ -128,11 +150,37 @@ def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterat
 
 @contextlib.contextmanager
 def nested_run(name: str, params: dict[str, Any], tags: dict[str, str] | None = None):
+    if not enabled():
+        yield None
+        return
     import mlflow
 
     with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
         mlflow.log_params(_clean_params(params))
         yield run
+
+
+def _active():
+    """The active MLflow run, or None (no run, or tracking off)."""
+    if not enabled():
+        return None
+    import mlflow
+
+    return mlflow.active_run()
+
+
+def log_params(params: dict[str, Any]) -> None:
+    if _active() is not None:
+        import mlflow
+
+        mlflow.log_params(_clean_params(params))
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    if _active() is not None:
+        import mlflow
+
+        mlflow.set_tags({k: scrub(str(v)) for k, v in tags.items()})
 
 
 _METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
@@ -142,10 +190,10 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     """Log the finite numeric entries of a (possibly nested) metrics dict."""
     import math
 
+    if _active() is None:
+        return
     import mlflow
 
-    if mlflow.active_run() is None:
-        return
     flat = flatten(metrics)
     clean = {}
     for k, v in flat.items():
@@ -158,11 +206,11 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    path = Path(path)
+    if _active() is None or not path.exists():
+        return
     import mlflow
 
-    path = Path(path)
-    if mlflow.active_run() is None or not path.exists():
-        return
     if path.is_dir():
         mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
     else:

@@ -132,7 +132,7 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     torch.manual_seed(seed)
     sae = SAE(d_in, cfg.d_sae, cfg).to(device)
     objective: nn.Module = _Objective(sae)
-    if world > 1:
+    if dist.is_available() and dist.is_initialized():
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas,
@@ -382,26 +382,29 @@ def resolve_tokens(cfg: SAECfg, budget_json: Path) -> tuple[int, str]:
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the torchrun process group (nccl on GPUs, gloo on CPUs); (rank, world)."""
+    """Join the torchrun process group (nccl on GPUs, gloo on CPUs); (rank, world).
+
+    Under torchrun even a single process joins and trains through DDP, so a 1-process run
+    exercises the backend and gradient all-reduce that a many-GPU run relies on.
+    """
     import os
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if "MASTER_ADDR" in os.environ and "RANK" in os.environ and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        log.info("joined the %s process group: rank %d of %d", dist.get_backend(),
+                 dist.get_rank(), dist.get_world_size())
     return _dist()
 
 
 def _run(params) -> None:
     import shutil
 
-    import mlflow
-
     from . import paths
     from .runtime import compute_dtype, resolve_device, seed_everything
     from .store import ActivationStore
-    from .tracking import log_metrics
+    from .tracking import log_metrics, log_params, set_tags
 
     cfg, seed = params.sae, params.run.seed
     device = resolve_device(params)
@@ -445,10 +448,10 @@ def _run(params) -> None:
     heldout_rows = _heldout_rows(params, tokenizer) if have_model and rank == 0 else []
     eval_batches = _eval_batches(params, model, store, heldout_rows, scale, device) \
         if rank == 0 else None
-    if rank == 0 and mlflow.active_run():
-        mlflow.log_params({"train.lr": lr, "train.n_tokens": n_tokens, "train.d_in": d_in,
-                           "train.world_size": world, "train.data_source": source})
-        mlflow.set_tags({"train.lr_source": lr_source, "train.n_tokens_source": tokens_source})
+    if rank == 0:
+        log_params({"train.lr": lr, "train.n_tokens": n_tokens, "train.d_in": d_in,
+                    "train.world_size": world, "train.data_source": source})
+        set_tags({"train.lr_source": lr_source, "train.n_tokens_source": tokens_source})
     log.info("training %s SAE d_in=%d d_sae=%d on %d tokens (%s) with lr %.3g (%s), %d "
              "process(es), data from the %s", cfg.architecture, d_in, cfg.d_sae, n_tokens,
              tokens_source, lr, lr_source, world, source)
@@ -466,7 +469,7 @@ def _run(params) -> None:
             # Complete and exported: a later run with the same params starts clean.
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
@@ -553,6 +556,19 @@ def _eval_batches(params, model, store, rows, scale: float, device) -> Iterator[
     return iter(x.split(params.sae.batch_size))
 
 
+def stream_scale(acts: Iterator[torch.Tensor], n_vectors: int = 65_536) -> float:
+    """The normalisation scalar C (E||C x||^2 = 1) over the first ~`n_vectors` streamed."""
+    sq, n = 0.0, 0
+    for a in acts:
+        sq += float(a.float().pow(2).sum())
+        n += len(a)
+        if n >= n_vectors:
+            break
+    if n == 0:
+        raise SaelabError("the corpus yields no tokens to stream; run `dvc repro fetch_oscar`")
+    return 1.0 / math.sqrt(sq / n)
+
+
 def _stream_source(params, model, tokenizer, store, device, rank: int, world: int):
     """(d_in, scale, data fingerprint, batches factory) for training straight from the model."""
     from . import paths
@@ -579,18 +595,8 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
 
     same_site = store is not None and (store.manifest.get("layer"), store.manifest.get("hook")) \
         == (ex.layer, ex.hook)
-    if same_site:
-        scale = store.scale
-    else:  # E||x||^2 over the first ~64k streamed vectors (the same on every rank)
-        sq, n = 0.0, 0
-        for a in acts(False):
-            sq += float(a.float().pow(2).sum())
-            n += len(a)
-            if n >= 65_536:
-                break
-        if n == 0:
-            raise SaelabError("the corpus yields no tokens to stream; run `dvc repro fetch_oscar`")
-        scale = 1.0 / math.sqrt(sq / n)
+    # Without a store of this site: from the first streamed vectors (the same on every rank).
+    scale = store.scale if same_site else stream_scale(acts(False))
     data_fp = checkpoint.fingerprint({"stream": True, "corpus": atomic.read_json(
         paths.CORPUS_DIR / "manifest.json"), "model": atomic.read_json(paths.MODEL_JSON),
         "extract": dataclasses.asdict(ex), "scale": scale})
