@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
-from saelab.base_model import build_model_config
+from saelab.data.base_model import build_model_config
 from saelab.cli import compose_params
-from saelab.config import ExtractCfg, ModelCfg, load_params
-from saelab.extract import (extract_store, prefetch, special_token_ids, stream_activations,
-                            token_rows)
-from saelab.tokenizer import load_llama3_tokenizer
+from saelab.core.config import ExtractCfg, ModelCfg, load_params
+from saelab.activations.extract import (extract_store, prefetch, special_token_ids,
+                                        stream_activations, token_rows)
+from saelab.data.tokenizer import load_llama3_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data/sample/spanish_novels_cligs.jsonl"

@@ -62,13 +62,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the working tree's saelab, installed or not
 
-from saelab.budget import compute_budget  # noqa: E402
-from saelab.config import BudgetCfg, Params, SAECfg, parse_params  # noqa: E402
-from saelab.errors import SaelabError  # noqa: E402
-from saelab.extract import extract_store, prefetch, stream_activations, token_rows  # noqa: E402
-from saelab.store import ActivationStore  # noqa: E402
-from saelab.tokenizer import load_llama3_tokenizer  # noqa: E402
-from saelab.train import shuffled_batches, stream_scale, train  # noqa: E402
+from saelab.activations.extract import (extract_store, prefetch,  # noqa: E402
+                                        stream_activations, token_rows)
+from saelab.activations.store import ActivationStore  # noqa: E402
+from saelab.core.config import BudgetCfg, Params, SAECfg, parse_params  # noqa: E402
+from saelab.core.errors import SaelabError  # noqa: E402
+from saelab.data.tokenizer import load_llama3_tokenizer  # noqa: E402
+from saelab.sae.train import shuffled_batches, stream_scale, train  # noqa: E402
+from saelab.scaling.budget import compute_budget  # noqa: E402
 
 PEAK_FLOPS = 790e12  # H100/H200 dense bf16 matmul, measured (DESIGN §9)
 TARGETS = {  # issue 12, on an H200; reported, never asserted
@@ -429,7 +430,7 @@ def step_stream(env: Env) -> dict[str, Any]:
 
 def step_torchrun(env: Env, seconds: int) -> dict[str, Any]:
     """A tiny model and store, then `torchrun --nproc_per_node=1 stages/train_sae.py`."""
-    from saelab.base_model import fetch_model, load_model
+    from saelab.data.base_model import fetch_model, load_model
 
     work = env.workdir / "smoke"
     raw = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), SMOKE)

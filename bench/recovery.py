@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from saelab.config import SAECfg
-from saelab.train import train
+from saelab.core.config import SAECfg
+from saelab.sae.train import train
 
 
 class KnownDictionary:

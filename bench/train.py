@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from saelab.config import SAECfg
-from saelab.train import train
+from saelab.core.config import SAECfg
+from saelab.sae.train import train
 
 PEAK_FLOPS = 790e12
 CPU_SIZES = "64x512x4096,256x2048x4096"

@@ -1,5 +1,5 @@
-"""DVC stage `fetch_model`: thin entry point; the work is in saelab.base_model."""
-from saelab.base_model import main
+"""DVC stage `fetch_model`: thin entry point; the work is in saelab.data.base_model."""
+from saelab.data.base_model import main
 
 if __name__ == "__main__":
     main()

@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
-from saelab import base_model, tokenizer
-from saelab.base_model import build_model_config, check_layer, fetch_model, load_model
-from saelab.config import parse_params
-from saelab.errors import SaelabError
-from saelab.tokenizer import load_llama3_tokenizer
+from saelab.data import base_model, tokenizer
+from saelab.data.base_model import build_model_config, check_layer, fetch_model, load_model
+from saelab.core.config import parse_params
+from saelab.core.errors import SaelabError
+from saelab.data.tokenizer import load_llama3_tokenizer
 
 HUB = {"source": "hub", "name": "meta-llama/Llama-3.2-1B"}
 
@@ -190,8 +190,8 @@ def test_hub_route_pins_the_resolved_revision(tiny, tmp_path, monkeypatch):
 def test_stage_logs_summary_to_mlflow(tmp_path, monkeypatch, isolated_mlflow):
     import mlflow
 
-    from saelab import paths
-    from saelab.tracking import stage_run
+    from saelab.core import paths
+    from saelab.core.tracking import stage_run
 
     monkeypatch.setattr(paths, "MODEL_DIR", tmp_path / "base")
     monkeypatch.setattr(paths, "MODEL_JSON", tmp_path / "base.json")

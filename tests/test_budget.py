@@ -3,8 +3,9 @@ import json
 import pytest
 import yaml
 
-from saelab.budget import budget_cli, budget_markdown, compute_budget, round_sig, write_budget
-from saelab.config import BudgetCfg, parse_params
+from saelab.scaling.budget import (budget_cli, budget_markdown, compute_budget, round_sig,
+                                   write_budget)
+from saelab.core.config import BudgetCfg, parse_params
 
 
 def test_seed_figures():

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from saelab.cli import compose_params
-from saelab.config import ConfigError, load_params, parse_params, to_dict
+from saelab.core.config import ConfigError, load_params, parse_params, to_dict
 
 
 def test_defaults_validate():

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from saelab import corpus
-from saelab.config import parse_params
-from saelab.corpus import fetch_corpus, is_heldout, iter_documents, read_manifest
-from saelab.errors import SaelabError
+from saelab.data import corpus
+from saelab.core.config import parse_params
+from saelab.data.corpus import fetch_corpus, is_heldout, iter_documents, read_manifest
+from saelab.core.errors import SaelabError
 
 
 def _params(**data):
@@ -241,8 +241,8 @@ def test_gated_dataset_error_is_one_clear_line(tmp_path, monkeypatch, gated_repo
 
 def test_manifest_counts_are_logged_as_metrics(tmp_path, monkeypatch):
     logged = {}
-    monkeypatch.setattr("saelab.tracking.log_metrics", lambda m, step=None: logged.update(m))
-    monkeypatch.setattr("saelab.tracking.log_artifact", lambda *a, **k: None)
+    monkeypatch.setattr("saelab.core.tracking.log_metrics", lambda m, step=None: logged.update(m))
+    monkeypatch.setattr("saelab.core.tracking.log_artifact", lambda *a, **k: None)
     monkeypatch.setattr(corpus.paths, "CORPUS_DIR", tmp_path / "c")
     monkeypatch.chdir(tmp_path)
     _write_jsonl(tmp_path / "in" / "a.jsonl", _docs(4) + [{"text": ""}])

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saelab.config import SAECfg
-from saelab.train import train
+from saelab.core.config import SAECfg
+from saelab.sae.train import train
 
 GLOBAL_BATCH, D_IN, STEPS = 64, 16, 25
 

@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from saelab.config import SAECfg
-from saelab.errors import SaelabError
-from saelab.evals import lm_metrics, reconstruction_metrics
-from saelab.sae import SAE
+from saelab.core.config import SAECfg
+from saelab.core.errors import SaelabError
+from saelab.sae.evals import lm_metrics, reconstruction_metrics
+from saelab.sae.autoencoder import SAE
 
 D = 32
 BOS, EOS = 128000, 128001

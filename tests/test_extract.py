@@ -13,14 +13,14 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from saelab.base_model import build_model_config
-from saelab.config import ExtractCfg, ModelCfg
-from saelab.errors import SaelabError
-from saelab.extract import (ActivationSource, extract_store, pack_rows, stream_activations,
-                            token_rows)
-from saelab.hooks import HOOK_POINTS, capture
-from saelab.store import ActivationStore, sha256_file
-from saelab.tokenizer import BOS_ID, EOS_ID, load_llama3_tokenizer
+from saelab.data.base_model import build_model_config
+from saelab.core.config import ExtractCfg, ModelCfg
+from saelab.core.errors import SaelabError
+from saelab.activations.extract import (ActivationSource, extract_store, pack_rows,
+                                        stream_activations, token_rows)
+from saelab.activations.hooks import HOOK_POINTS, capture
+from saelab.activations.store import ActivationStore, sha256_file
+from saelab.data.tokenizer import BOS_ID, EOS_ID, load_llama3_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data/sample/spanish_novels_cligs.jsonl"
@@ -197,10 +197,10 @@ _CHILD = """
 import json, sys, torch
 from pathlib import Path
 from transformers import LlamaForCausalLM
-from saelab.base_model import build_model_config
-from saelab.config import ExtractCfg, ModelCfg
-from saelab.extract import extract_store
-from saelab.tokenizer import load_llama3_tokenizer
+from saelab.data.base_model import build_model_config
+from saelab.core.config import ExtractCfg, ModelCfg
+from saelab.activations.extract import extract_store
+from saelab.data.tokenizer import load_llama3_tokenizer
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = LlamaForCausalLM(build_model_config(ModelCfg())).eval()
@@ -264,10 +264,10 @@ def test_corpus_too_small(model, tok, tmp_path):
 
 
 def test_run_extract_wires_model_corpus_and_store(tmp_path):
-    from saelab.base_model import fetch_model
-    from saelab.config import parse_params
-    from saelab.corpus import fetch_corpus
-    from saelab.extract import run_extract
+    from saelab.data.base_model import fetch_model
+    from saelab.core.config import parse_params
+    from saelab.data.corpus import fetch_corpus
+    from saelab.activations.extract import run_extract
 
     params = parse_params({
         "run": {"device": "cpu"}, "data": {"sample_path": str(SAMPLE), "max_docs": 12},

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from saelab import tracking
-from saelab.budget import budget_cli, measured_rates
+from saelab.core import tracking
+from saelab.scaling.budget import budget_cli, measured_rates
 from saelab.cli import compose_params
-from saelab.config import load_params, to_dict
-from saelab.errors import SaelabError
+from saelab.core.config import load_params, to_dict
+from saelab.core.errors import SaelabError
 
 from pathlib import Path
 

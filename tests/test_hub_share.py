@@ -6,10 +6,11 @@ import logging
 import pytest
 import yaml
 
-from saelab import hub_share
-from saelab.errors import SaelabError
-from saelab.hub_share import build_dataset_card, plan_upload, upload_store
-from saelab.store import ActivationStore
+from saelab.core import hub_access
+from saelab.hub import share as hub_share
+from saelab.core.errors import SaelabError
+from saelab.hub.share import build_dataset_card, plan_upload, upload_store
+from saelab.activations.store import ActivationStore
 
 MODEL_JSON = {"name": "meta-llama/Llama-3.2-1B", "source": "hub",
               "hf_repo": "meta-llama/Llama-3.2-1B", "revision": "4e20de36" + "0" * 32}
@@ -153,11 +154,11 @@ def test_hub_errors_name_the_fix():
         return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co"))
 
     with pytest.raises(SaelabError, match="revision not found; fix model.revision"):
-        with hub_share.hub_errors("meta-llama/Llama-3.2-1B", "model.revision"):
+        with hub_access.hub_errors("meta-llama/Llama-3.2-1B", "model.revision"):
             raise RevisionNotFoundError("nope", response=response(404))
     with pytest.raises(SaelabError, match="refused HF_TOKEN.*HTTP 401"):
-        with hub_share.hub_errors("me/acts", "the repo id"):
+        with hub_access.hub_errors("me/acts", "the repo id"):
             raise HfHubHTTPError("unauthorized", response=response(401))
     with pytest.raises(SaelabError, match="cannot reach the Hugging Face Hub for me/acts"):
-        with hub_share.hub_errors("me/acts", "the repo id"):
+        with hub_access.hub_errors("me/acts", "the repo id"):
             raise httpx2.ConnectError("Name or service not known")

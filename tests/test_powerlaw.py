@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from saelab.errors import SaelabError
-from saelab.powerlaw import FitError, best_lr_parabola, fit_loss_vs_size, fit_lr_vs_size
+from saelab.core.errors import SaelabError
+from saelab.scaling.powerlaw import FitError, best_lr_parabola, fit_loss_vs_size, fit_lr_vs_size
 
 A, B, C = 3.0, 0.45, 0.08
 SIZES = 2.0 ** np.arange(5, 13)  # 32 .. 4096

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from saelab.config import SAECfg
-from saelab.sae import (SAE, auxk_decode, export_sae, jumprelu, jumprelu_with_l0, load_sae,
-                        sparse_decode, step, topk_decode)
-from saelab.train import _Objective
+from saelab.core.config import SAECfg
+from saelab.sae.autoencoder import (SAE, auxk_decode, export_sae, jumprelu, jumprelu_with_l0,
+                                    load_sae, sparse_decode, step, topk_decode)
+from saelab.sae.train import _Objective
 
 EPS = 1e-3
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import yaml
 
-from saelab import paths
-from saelab.config import SAECfg, ScalingCfg, parse_params
-from saelab.scaling import (caveats, fit_pilots, heldout_split, main, mean_losses, pilot_cfg,
-                            pilot_loss, run_grid, write_outputs)
-from saelab.store import ActivationStore, StoreWriter
+from saelab.core import paths
+from saelab.core.config import SAECfg, ScalingCfg, parse_params
+from saelab.scaling.laws import (caveats, fit_pilots, heldout_split, main, mean_losses, pilot_cfg,
+                                 pilot_loss, run_grid, write_outputs)
+from saelab.activations.store import ActivationStore, StoreWriter
 
 # Ground truth of the synthetic pilots: L(N, lr) = a N^-b + c + k (log10 lr - log10 lr*(N))^2
 # with lr*(N) = 0.256 / N, so lr* halves per doubling and sits on this grid for 64..256.
@@ -218,7 +218,7 @@ PILOT_PARAMS = {
 def test_serial_grid_logs_a_nested_run_per_pilot(tmp_path, isolated_mlflow):
     import mlflow
 
-    from saelab.tracking import stage_run
+    from saelab.core.tracking import stage_run
 
     params = parse_params(PILOT_PARAMS)
     calls = []
@@ -281,8 +281,8 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
 
 
 def test_a_diverged_pilot_is_a_result_other_errors_stop(tmp_path, monkeypatch):
-    import saelab.scaling as scaling
-    from saelab.errors import SaelabError
+    import saelab.scaling.laws as scaling
+    from saelab.core.errors import SaelabError
 
     make_store(tmp_path / "store", n_tokens=2048)
     params = parse_params(PILOT_PARAMS)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.errors import SaelabError
-from saelab.store import ActivationStore, StoreWriter, sha256_file
-from saelab.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
+from saelab.core.errors import SaelabError
+from saelab.activations.store import ActivationStore, StoreWriter, sha256_file
+from saelab.data.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
 
 CTX, D, ROWS_PER_BATCH = 16, 8, 4
 N_ROWS = 40

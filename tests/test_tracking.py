@@ -1,7 +1,7 @@
 import mlflow
 
-from saelab import tracking
-from saelab.config import parse_params
+from saelab.core import tracking
+from saelab.core.config import parse_params
 
 
 def test_queued_experiment_logs_to_the_users_repo(tmp_path, monkeypatch):

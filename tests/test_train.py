@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import checkpoint
-from saelab.config import SAECfg
-from saelab.errors import SaelabError
-from saelab.schedules import COSINE_FLOOR, l0_factor, lr_factor
-from saelab.train import train
+from saelab.sae import checkpoint
+from saelab.core.config import SAECfg
+from saelab.core.errors import SaelabError
+from saelab.sae.schedules import COSINE_FLOOR, l0_factor, lr_factor
+from saelab.sae.train import train
 
 REPO_SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
@@ -117,7 +117,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
     from test_train import cfg, synthetic
-    from saelab.train import train
+    from saelab.sae.train import train
     ckpt, out, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "slow"
     _, batches = synthetic()
     log = (lambda step, row: time.sleep(0.15)) if slow else None
@@ -163,7 +163,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, arch):
 
 def _tiny_store(path, n_rows=32, ctx=9, d=8):
     """A real store (through the store's writer) of random vectors, one per non-BOS token."""
-    from saelab.store import StoreWriter
+    from saelab.activations.store import StoreWriter
 
     g = np.random.default_rng(0)
     rows = g.integers(0, 5000, size=(n_rows, ctx)).astype(np.uint32)
@@ -179,8 +179,8 @@ def _tiny_store(path, n_rows=32, ctx=9, d=8):
 
 
 def test_streaming_and_store_give_the_same_batches_and_sae(tmp_path):
-    from saelab.store import ActivationStore
-    from saelab.train import shuffled_batches
+    from saelab.activations.store import ActivationStore
+    from saelab.sae.train import shuffled_batches
 
     acts = _tiny_store(tmp_path / "store")
     store = ActivationStore(tmp_path / "store")
@@ -202,7 +202,7 @@ def test_streaming_and_store_give_the_same_batches_and_sae(tmp_path):
 
 
 def test_small_shuffle_buffer_keeps_every_vector_once():
-    from saelab.train import shuffled_batches
+    from saelab.sae.train import shuffled_batches
 
     x = torch.arange(1000, dtype=torch.float32).unsqueeze(1)
     out = torch.cat(list(shuffled_batches(iter(x.split(64)), capacity=200, batch_size=50,
@@ -214,7 +214,7 @@ def test_small_shuffle_buffer_keeps_every_vector_once():
 def test_lr_and_token_sources(tmp_path):
     import json
 
-    from saelab.train import resolve_lr, resolve_tokens
+    from saelab.sae.train import resolve_lr, resolve_tokens
 
     fit, budget = tmp_path / "fit.json", tmp_path / "budget.json"
     assert resolve_lr(cfg(lr=2e-4), fit) == (2e-4, "params.sae.lr")
@@ -234,7 +234,7 @@ def test_free_decoder_norm_starts_small_and_is_left_to_training(arch):
     """sae.decoder_norm=free (SAELens): atoms start at encoder_init_scale, W_enc = W_dec^T,
     and training neither projects nor renormalises them. TopK picks and decodes with the
     unit atoms, the norms scaling its pre-activations."""
-    from saelab.sae import SAE
+    from saelab.sae.autoencoder import SAE
 
     c = dataclasses.replace(SAECfg(), architecture=arch, k=4, d_sae=32, batch_size=64,
                             decoder_norm="free", encoder_init_scale=0.1, lr_warmup_steps=0,

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saelab.cli import main as cli
-from saelab.config import SAECfg
-from saelab.sae import SAE, WEIGHTS_FILE, export_sae
-from saelab.store import StoreWriter, sha256_file
-from saelab.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
-from saelab.sae import MANIFEST_FILE as SAE_MANIFEST
+from saelab.core.config import SAECfg
+from saelab.sae.autoencoder import SAE, WEIGHTS_FILE, export_sae
+from saelab.activations.store import StoreWriter, sha256_file
+from saelab.data.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
+from saelab.sae.autoencoder import MANIFEST_FILE as SAE_MANIFEST
 from saelab.verify import verify_all
 
 CTX, D, ROWS, SHARD = 9, 4, 8, 16  # 64 vectors in 4 shards

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_params
-from .errors import SaelabError
+from .core.config import ConfigError, load_params
+from .core.errors import SaelabError
 
 
 def compose_params(overrides: list[str] | None = None, root: Path = Path("."),
@@ -28,7 +28,7 @@ def _cmd_params(args) -> int:
 
 
 def _cmd_budget(args) -> int:
-    from .budget import budget_cli
+    from .scaling.budget import budget_cli
 
     print(budget_cli(args.params, args.results))
     return 0
@@ -48,7 +48,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_upload_store(args) -> int:
-    from .hub_share import upload_store
+    from .hub.share import upload_store
 
     url = upload_store(Path(args.store), args.repo_id, private=not args.public)
     print(f"uploaded to {url}")

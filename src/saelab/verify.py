@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import SaelabError
-from .sae import MANIFEST_FILE
+from .core.errors import SaelabError
+from .sae.autoencoder import MANIFEST_FILE
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -25,7 +25,7 @@ def verify_all(store_dir: Path, sae_dir: Path) -> list[str]:
 
 
 def verify_store(store_dir: Path) -> list[str]:
-    from .store import ActivationStore
+    from .activations.store import ActivationStore
 
     where = f"activation store {store_dir}"
     if not store_dir.is_dir():
@@ -109,7 +109,7 @@ def _check_tensors(path: Path, cfg: dict[str, Any]) -> list[str]:
 
 
 def _check_manifest(sae_dir: Path) -> list[str]:
-    from .store import file_problem
+    from .activations.store import file_problem
 
     path = sae_dir / MANIFEST_FILE
     try:
@@ -122,7 +122,7 @@ def _check_manifest(sae_dir: Path) -> list[str]:
 
 
 def verify_sae(sae_dir: Path) -> list[str]:
-    from .sae import CFG_FILE, WEIGHTS_FILE
+    from .sae.autoencoder import CFG_FILE, WEIGHTS_FILE
 
     where = f"SAE {sae_dir}"
     if not sae_dir.is_dir():

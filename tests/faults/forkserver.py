@@ -31,8 +31,8 @@ import traceback
 
 # saelab first: what it sets up at import (environment defaults) must precede the
 # libraries' own import-time decisions, as in a fresh `python stages/<name>.py`.
-PRELOAD = ("saelab.stage", "saelab.base_model", "saelab.corpus", "saelab.extract",
-           "saelab.train", "saelab.interpret.stage", "torch", "numpy", "pyarrow.parquet",
+PRELOAD = ("saelab.core.stage", "saelab.data.base_model", "saelab.data.corpus", "saelab.activations.extract",
+           "saelab.sae.train", "saelab.interpret.stage", "torch", "numpy", "pyarrow.parquet",
            "datasets", "transformers", "safetensors.torch", "mlflow",
            "mlflow.store.tracking.sqlalchemy_store", "openai", "tqdm")
 
@@ -40,11 +40,11 @@ PRELOAD = ("saelab.stage", "saelab.base_model", "saelab.corpus", "saelab.extract
 EVENTS = {
     "replace": ("os", "replace"),
     "fsync": ("os", "fsync"),
-    "npy_put": ("saelab.store", "NpyStream._put"),
-    "json_write": ("saelab.store", "_write_json"),
-    "step": ("saelab.train", "lr_factor"),
+    "npy_put": ("saelab.activations.store", "NpyStream._put"),
+    "json_write": ("saelab.activations.store", "_write_json"),
+    "step": ("saelab.sae.train", "lr_factor"),
     "torch_save": ("torch", "save"),
-    "safetensors_save": ("saelab.sae", "save_file"),
+    "safetensors_save": ("saelab.sae.autoencoder", "save_file"),
     "cache_put": ("saelab.interpret.cache", "ResponseCache.put"),
     "write_text": ("pathlib", "Path.write_text"),
 }

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from saelab.config import load_params, parse_params, to_dict
+from saelab.core.config import load_params, parse_params, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample" / "spanish_novels_cligs.jsonl"

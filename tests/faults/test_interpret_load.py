@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from saelab.config import InterpretCfg
+from saelab.core.config import InterpretCfg
 from saelab.interpret import pipeline
 from saelab.interpret.cost import TokenCounter
 from saelab.interpret.sampling import SampleSpec, sample_latent

@@ -15,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_openai import FakeOpenAI  # noqa: E402
 
-from saelab.config import InterpretCfg  # noqa: E402
+from saelab.core.config import InterpretCfg  # noqa: E402
 from saelab.interpret.cost import TokenCounter  # noqa: E402
 from saelab.interpret.decode import token_bytes_table  # noqa: E402
 from saelab.interpret.sampling import SampleSpec, sample_latent  # noqa: E402
-from saelab.tokenizer import BOS_ID, load_llama3_tokenizer  # noqa: E402
+from saelab.data.tokenizer import BOS_ID, load_llama3_tokenizer  # noqa: E402
 
 CTX = 64
 WORD = "mañana"

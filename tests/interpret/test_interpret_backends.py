@@ -8,7 +8,7 @@ import pytest
 from conftest import COUNTER, make_cfg
 from fake_openai import body_hash
 
-from saelab.errors import SaelabError
+from saelab.core.errors import SaelabError
 from saelab.interpret import cost as cost_mod
 from saelab.interpret.backends import BatchBackend, BatchState, SyncBackend, make_client
 from saelab.interpret.cache import Request, ResponseCache

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import CORPUS_LATENT, WORD
 
-from saelab import paths
+from saelab.core import paths
 
 
 class _Store:
@@ -51,8 +51,8 @@ class _SAE:
 def test_stage_main_with_backend_none(workdir, corpus, tokenizer, isolated_mlflow, monkeypatch):
     import mlflow
 
-    from saelab import sae as sae_mod
-    from saelab import store as store_mod
+    from saelab.sae import autoencoder as sae_mod
+    from saelab.activations import store as store_mod
     from saelab.interpret.stage import main
 
     monkeypatch.setattr(store_mod, "ActivationStore", lambda path: _Store(corpus, 4))
@@ -78,8 +78,8 @@ def test_stage_main_with_backend_none(workdir, corpus, tokenizer, isolated_mlflo
 
 def test_missing_key_is_reported_before_any_work(tmp_path, monkeypatch):
     """No store or SAE here: the key error must come first, not after reading them."""
-    from saelab.config import parse_params
-    from saelab.errors import SaelabError
+    from saelab.core.config import parse_params
+    from saelab.core.errors import SaelabError
     from saelab.interpret.stage import _run
 
     monkeypatch.chdir(tmp_path)

@@ -2,5 +2,5 @@
 
 Modules, in the order the stage uses them: latents (where latents fire, via the SAE),
 sampling (pure: which windows), decode (token windows to intact text), prompts, cache,
-cost, backends (openai sync, openai-batch), scoring, report, pipeline, stage.
+cost, backends (openai sync, openai-batch), scoring, results, report, pipeline, stage.
 """

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
-from ..atomic import read_json, write_text
-from ..errors import SaelabError
+from ..core.atomic import read_json, write_text
+from ..core.errors import SaelabError
 from .cache import Request, ResponseCache
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import read_json, sweep_dead_writers, write_text
+from ..core.atomic import read_json, sweep_dead_writers, write_text
 
 
 def canonical(obj: Any) -> str:

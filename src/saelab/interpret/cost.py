@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from ..errors import SaelabError
+from ..core.errors import SaelabError
 from .cache import Request
 
 log = logging.getLogger(__name__)

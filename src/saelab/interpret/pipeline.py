@@ -12,23 +12,23 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .. import paths
-from ..atomic import write_text
-from ..config import InterpretCfg
-from ..errors import SaelabError
-from ..tracking import log_artifact, log_metrics, repo_root
+from ..core import paths
+from ..core.atomic import write_text
+from ..core.config import InterpretCfg
+from ..core.errors import SaelabError
+from ..core.tracking import log_artifact, log_metrics, repo_root
 from .backends import BatchBackend, BatchState, SyncBackend, make_client, request_file_lines
 from .cache import Request, ResponseCache
 from .cost import Budget, Prices, TokenCounter, estimate, token_counter
 from .decode import activation_mask, highlight, render
 from .prompts import explain_body, parse_explanation
 from .report import write_report
+from .results import LatentResult
 from .sampling import LatentSamples
 from .scoring import SCORERS, ScorePrompt, build_prompts, detection_items, fuzzing_items, score
 
@@ -37,19 +37,6 @@ log = logging.getLogger(__name__)
 # In-flight batches of this workspace (not the shared cache's root: parallel queued
 # experiments would otherwise take each other's batches for stale ones and cancel them).
 STATE_FILE = paths.STATE_DIR / "interpret" / "batches.json"
-
-
-@dataclass
-class LatentResult:
-    samples: LatentSamples
-    explanation: str | None = None
-    completions: list[str | None] = field(default_factory=list)
-    error: str = ""
-    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def latent(self) -> int:
-        return self.samples.latent
 
 
 def _explain_request(s: LatentSamples, table: list[bytes], cfg: InterpretCfg) -> Request:

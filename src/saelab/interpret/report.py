@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ..config import InterpretCfg
-from ..plots import new_figure, save
+from ..core.config import InterpretCfg
+from ..core.plots import new_figure, save
 from .decode import char_values, render
+from .results import LatentResult
 from .sampling import Window
-
-if TYPE_CHECKING:
-    from .pipeline import LatentResult
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
@@ -84,7 +82,7 @@ def _scores_html(scores: dict[str, dict[str, Any]]) -> str:
             f"<th>unanswered</th></tr>{rows}</table>")
 
 
-def _histogram(r: "LatentResult", path: Path) -> bool:
+def _histogram(r: LatentResult, path: Path) -> bool:
     s = r.samples
     if not s.hist_counts:
         return False
@@ -95,7 +93,7 @@ def _histogram(r: "LatentResult", path: Path) -> bool:
     return True
 
 
-def _explanation_html(r: "LatentResult", cfg: InterpretCfg) -> str:
+def _explanation_html(r: LatentResult, cfg: InterpretCfg) -> str:
     if r.samples.skipped:
         return f"<p class=\"note\">skipped: {html.escape(r.samples.skipped)}</p>"
     if cfg.backend == "none":
@@ -110,7 +108,7 @@ def _explanation_html(r: "LatentResult", cfg: InterpretCfg) -> str:
     return out
 
 
-def _latent_page(r: "LatentResult", table: list[bytes], cfg: InterpretCfg,
+def _latent_page(r: LatentResult, table: list[bytes], cfg: InterpretCfg,
                  out_dir: Path) -> str:
     s = r.samples
     png = Path(page_name(s.latent)).with_suffix(".png").name
@@ -138,7 +136,7 @@ def _latent_page(r: "LatentResult", table: list[bytes], cfg: InterpretCfg,
     return _page(f"latent {s.latent}", "\n".join(parts))
 
 
-def write_report(out_dir: Path, results: list["LatentResult"], table: list[bytes],
+def write_report(out_dir: Path, results: list[LatentResult], table: list[bytes],
                  cfg: InterpretCfg, summary: dict[str, Any], cost: dict[str, Any]) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

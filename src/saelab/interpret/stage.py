@@ -10,11 +10,11 @@ import logging
 
 import numpy as np
 
-from .. import paths
-from ..config import Params
-from ..errors import SaelabError
-from ..runtime import resolve_device
-from ..stage import run_stage
+from ..core import paths
+from ..core.config import Params
+from ..core.errors import SaelabError
+from ..core.runtime import resolve_device
+from ..core.stage import run_stage
 from .backends import api_key
 from .decode import token_bytes_table
 from .latents import firing_counts, latent_activations, select_latents, store_index
@@ -35,8 +35,8 @@ def _tokenizer():
 
 
 def _run(params: Params) -> None:
-    from ..sae import load_sae
-    from ..store import ActivationStore
+    from ..sae.autoencoder import load_sae
+    from ..activations.store import ActivationStore
 
     cfg = params.interpret
     if cfg.backend != "none":

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from . import atomic, paths
-from .config import ModelCfg, Params
-from .errors import SaelabError
-from .hub_share import hub_errors, hub_token
+from ..core import atomic, paths
+from ..core.config import ModelCfg, Params
+from ..core.errors import SaelabError
+from ..core.hub_access import hub_errors, hub_token
 from .tokenizer import BOS_ID, EOS_ID, load_llama3_tokenizer
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def load_model(model_dir: Path = paths.MODEL_DIR, *, device: torch.device | str,
 
 
 def _run(params: Params) -> None:
-    from .tracking import log_artifact, log_metrics, set_tags
+    from ..core.tracking import log_artifact, log_metrics, set_tags
 
     info = fetch_model(params, paths.MODEL_DIR, paths.MODEL_JSON)
     log.info("%s: %s, %.3g parameters, revision %s", info["name"], info["config"],
@@ -192,6 +192,6 @@ def _run(params: Params) -> None:
 
 
 def main() -> None:
-    from .stage import run_stage
+    from ..core.stage import run_stage
 
     run_stage("fetch_model", _run)

@@ -32,7 +32,7 @@ import numpy as np
 from scipy.optimize import least_squares, minimize_scalar
 from scipy.stats import norm, t as student_t
 
-from .errors import SaelabError
+from ..core.errors import SaelabError
 
 LEVEL = 0.95
 

@@ -27,11 +27,11 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import atomic, paths
-from .atomic import atomic_path
-from .config import DataCfg, Params
-from .errors import SaelabError
-from .hub_share import hub_errors, hub_token
+from ..core import atomic, paths
+from ..core.atomic import atomic_path
+from ..core.config import DataCfg, Params
+from ..core.errors import SaelabError
+from ..core.hub_access import hub_errors, hub_token
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ def iter_documents(corpus_dir: Path = paths.CORPUS_DIR,
 
 
 def _run(params: Params) -> None:
-    from .tracking import log_artifact, log_metrics
+    from ..core.tracking import log_artifact, log_metrics
 
     m = fetch_corpus(params, paths.CORPUS_DIR)
     log.info("%s: %s docs (%s tokens est.), dropped %s, cut %d, stopped by %s", m["source"],
@@ -363,6 +363,6 @@ def _run(params: Params) -> None:
 
 
 def main() -> None:
-    from .stage import run_stage
+    from ..core.stage import run_stage
 
     run_stage("fetch_oscar", _run)

@@ -14,7 +14,7 @@ import json
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .errors import SaelabError
+from ..core.errors import SaelabError
 
 BOS_ID = 128000
 EOS_ID = 128001

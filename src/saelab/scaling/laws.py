@@ -19,7 +19,7 @@ Reconstruction error alone would reward an lr that merely buys density; the obje
 is what the optimiser is asked to minimise, so its best lr is the one to carry over.
 The squared error is per token, so at E||x||^2 = 1 it is on the scale of the FVU.
 
-Fits (saelab.powerlaw) on the mean over seeds, method `grid`: per size, lr* from a
+Fits (saelab.scaling.powerlaw) on the mean over seeds, method `grid`: per size, lr* from a
 parabola in log lr around the best grid lr; the loss law on each size's best trained
 loss (its mean at the best grid lr); lr*(d_sae) as a power law. Method `two_step`
 (the seed's): the loss law through the two smallest sizes at one lr, lr* of the same two
@@ -42,16 +42,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import atomic, paths, plots
+from ..core import atomic, paths, plots
 from .budget import write_budget
-from .config import Params, SAECfg, ScalingCfg
-from .errors import SaelabError
+from ..core.config import Params, SAECfg, ScalingCfg
+from ..core.errors import SaelabError
 from .powerlaw import Fit, FitError, best_lr_parabola, fit_loss_vs_size, fit_lr_vs_size
-from .runtime import resolve_device
-from .stage import run_stage
-from .store import ActivationStore
-from .tracking import log_artifact, log_metrics, nested_run
-from .train import train
+from ..core.runtime import resolve_device
+from ..core.stage import run_stage
+from ..activations.store import ActivationStore
+from ..core.tracking import log_artifact, log_metrics, nested_run
+from ..sae.train import train
 
 log = logging.getLogger(__name__)
 

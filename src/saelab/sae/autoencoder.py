@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import atomic
-from .atomic import atomic_path
-from .config import SAECfg
-from .errors import SaelabError
-from .store import sha256_file
+from ..core import atomic
+from ..core.atomic import atomic_path
+from ..core.config import SAECfg
+from ..core.errors import SaelabError
+from ..activations.store import sha256_file
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"

@@ -33,9 +33,9 @@ from typing import Any, Collection, Iterator
 import numpy as np
 import torch
 
-from . import atomic
-from . import paths
-from .errors import SaelabError
+from ..core import atomic
+from ..core import paths
+from ..core.errors import SaelabError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .config import SAECfg
+from ..core.config import SAECfg
 
 # Floor of the cosine decay as a fraction of lr (SAELens's `lr_end` default is lr / 10).
 COSINE_FLOOR = 0.1

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SaelabError
-from .hooks import hook_module
-from .sae import SAE
+from ..core.errors import SaelabError
+from ..activations.hooks import hook_module
+from .autoencoder import SAE
 
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ def lm_metrics(model: nn.Module, sae: SAE, rows: Iterable[torch.Tensor], *, laye
     Special tokens are kept clean (the SAE never saw them) and masked from the loss,
     both as inputs and as targets.
     """
-    from .tokenizer import BOS_ID, EOS_ID  # imports transformers: only when evaluating an LM
+    from ..data.tokenizer import BOS_ID, EOS_ID  # imports transformers: only when evaluating an LM
 
     model.eval()
     sae.eval()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from ..core.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import SaelabError
+from ..core.errors import SaelabError
 
 # hook -> (path of the module below the decoder layer, "input" or "output" of it)
 HOOK_POINTS: dict[str, tuple[str, str]] = {

@@ -27,11 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import atomic, checkpoint
-from .config import SAECfg
-from .errors import SaelabError
+from ..core import atomic
+from . import checkpoint
+from ..core.config import SAECfg
+from ..core.errors import SaelabError
 from .evals import reconstruction_metrics
-from .sae import SAE, auxk_decode, jumprelu_with_l0, topk_decode
+from .autoencoder import SAE, auxk_decode, jumprelu_with_l0, topk_decode
 from .schedules import l0_factor, lr_factor
 
 log = logging.getLogger(__name__)
@@ -401,10 +402,10 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
 def _run(params) -> None:
     import shutil
 
-    from . import paths
-    from .runtime import compute_dtype, resolve_device, seed_everything
-    from .store import ActivationStore
-    from .tracking import log_metrics, log_params, set_tags
+    from ..core import paths
+    from ..core.runtime import compute_dtype, resolve_device, seed_everything
+    from ..activations.store import ActivationStore
+    from ..core.tracking import log_metrics, log_params, set_tags
 
     cfg, seed = params.sae, params.run.seed
     device = resolve_device(params)
@@ -418,7 +419,7 @@ def _run(params) -> None:
     have_model = (paths.MODEL_DIR / "config.json").is_file()
     model = tokenizer = None
     if have_model:
-        from .base_model import load_model
+        from ..data.base_model import load_model
 
         model, tokenizer = load_model(paths.MODEL_DIR, device=device,
                                       dtype=compute_dtype(params, device),
@@ -435,7 +436,7 @@ def _run(params) -> None:
         d_in, scale, data_fp = store.d, store.scale, store.manifest["fingerprint"]
 
         def make_batches(start: int) -> Iterator[torch.Tensor]:
-            from .extract import prefetch
+            from ..activations.extract import prefetch
 
             # Gathering from the memmap (and pinning, for async copies to the GPU) runs in
             # a background thread while the device trains on the previous batch.
@@ -480,10 +481,10 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     import json
     import shutil
 
-    from . import paths
-    from .plots import write_csv
-    from .sae import export_sae
-    from .tracking import log_artifact, log_metrics
+    from ..core import paths
+    from ..core.plots import write_csv
+    from .autoencoder import export_sae
+    from ..core.tracking import log_artifact, log_metrics
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
     info = atomic.read_json(paths.MODEL_JSON) or {}
@@ -521,9 +522,9 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
 
 def _heldout_rows(params, tokenizer) -> list[np.ndarray]:
     """Held-out token rows at the training context (BOS first), about sae.eval_tokens tokens."""
-    from . import paths
-    from .corpus import iter_documents
-    from .extract import token_rows
+    from ..core import paths
+    from ..data.corpus import iter_documents
+    from ..activations.extract import token_rows
 
     if not (paths.CORPUS_DIR / "manifest.json").is_file() or params.sae.eval_tokens == 0:
         return []
@@ -540,7 +541,7 @@ def _row_batches(rows: list[np.ndarray], n: int) -> Iterator[torch.Tensor]:
 def _eval_batches(params, model, store, rows, scale: float, device) -> Iterator[torch.Tensor] | None:
     """Normalised held-out activations: from held-out documents through the model, or, with
     no model or held-out text, a sample of the store (tokens the SAE may have trained on)."""
-    from .extract import stream_activations
+    from ..activations.extract import stream_activations
 
     ex, n = params.extract, params.sae.eval_tokens
     if n == 0:
@@ -571,10 +572,10 @@ def stream_scale(acts: Iterator[torch.Tensor], n_vectors: int = 65_536) -> float
 
 def _stream_source(params, model, tokenizer, store, device, rank: int, world: int):
     """(d_in, scale, data fingerprint, batches factory) for training straight from the model."""
-    from . import paths
-    from .corpus import iter_documents
-    from .extract import prefetch, stream_activations, token_rows
-    from .hooks import hook_dim
+    from ..core import paths
+    from ..data.corpus import iter_documents
+    from ..activations.extract import prefetch, stream_activations, token_rows
+    from ..activations.hooks import hook_dim
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
     d_in = hook_dim(model.config, ex.hook)
@@ -611,6 +612,6 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
 
 
 def main() -> None:
-    from .stage import run_stage
+    from ..core.stage import run_stage
 
     run_stage("train_sae", _run)

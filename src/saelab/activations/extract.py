@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import paths
-from .config import ExtractCfg, Params
-from .errors import SaelabError
+from ..core import paths
+from ..core.config import ExtractCfg, Params
+from ..core.errors import SaelabError
 from .hooks import capture, hook_dim, hook_module
 from .store import STORE_DTYPES, StoreWriter, check_disk, estimate_bytes
-from .tokenizer import BOS_ID, VOCAB_SIZE
+from ..data.tokenizer import BOS_ID, VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -375,9 +375,9 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
                 corpus_dir: Path = paths.CORPUS_DIR, out_dir: Path = paths.ACTIVATIONS_DIR,
                 model_json: Path = paths.MODEL_JSON) -> dict[str, Any]:
     """The `extract_mlp8` stage body: model + corpus in, store out; returns the manifest."""
-    from .base_model import load_model
-    from .corpus import iter_documents, read_manifest
-    from .runtime import compute_dtype, resolve_device
+    from ..data.base_model import load_model
+    from ..data.corpus import iter_documents, read_manifest
+    from ..core.runtime import compute_dtype, resolve_device
 
     corpus = read_manifest(corpus_dir)
     estimate = corpus["tokens_estimate"]["train"]
@@ -402,7 +402,7 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
 
 
 def _run(params: Params) -> None:
-    from .tracking import log_artifact, log_metrics
+    from ..core.tracking import log_artifact, log_metrics
 
     manifest = run_extract(params)
     log_metrics({"extract": {"tokens_per_s": manifest["tokens_per_s"],
@@ -413,6 +413,6 @@ def _run(params: Params) -> None:
 
 
 def main() -> None:
-    from .stage import run_stage
+    from ..core.stage import run_stage
 
     run_stage("extract_mlp8", _run)

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import atomic, paths
-from .config import BudgetCfg, Params, load_params
-from .errors import SaelabError
+from ..core import atomic, paths
+from ..core.config import BudgetCfg, Params, load_params
+from ..core.errors import SaelabError
 
 _SECONDS_PER_HOUR = 3600.0
 

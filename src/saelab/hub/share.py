@@ -1,21 +1,19 @@
-"""Talking to the Hugging Face Hub: the token, readable errors, and sharing the activation store.
+"""Sharing on the Hugging Face Hub: the activation store as a dataset repo.
 
 `upload_store` pushes the store (every shard file its manifest lists, the manifest and a
 dataset card) to a dataset repo in one commit, so a reader never sees half a store.
-The token comes only from `HF_TOKEN` in the environment and is never logged.
+The token (core.hub_access) comes only from `HF_TOKEN` in the environment and is never
+logged.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Iterator
 
-from . import paths
-from .errors import SaelabError
+from ..core import paths
+from ..core.errors import SaelabError
+from ..core.hub_access import hub_errors, hub_token
 
 log = logging.getLogger(__name__)
 
@@ -23,60 +21,6 @@ MANIFEST = "manifest.json"
 CARD = "README.md"
 # Dataset-card license of the text the activations were computed on.
 CORPUS_LICENSE = {"sample": "cc-by-4.0", "oscar": "cc0-1.0", "fineweb2": "odc-by"}
-
-
-def hub_token(purpose: str, fix: str) -> str:
-    """HF_TOKEN from the environment, or a SaelabError saying what needs it and how to set it."""
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if not token:
-        raise SaelabError(f"{purpose}, but HF_TOKEN is not set; {fix}")
-    return token
-
-
-@contextlib.contextmanager
-def hub_errors(repo: str, setting: str, gated_url: str | None = None) -> Iterator[None]:
-    """Turn Hub failures (gated, bad token, missing repo/revision, offline) into one clear line.
-
-    `setting` names the params that choose the repo, so the message says what to change.
-    """
-    from huggingface_hub import errors as hf
-
-    gated_url = gated_url or f"https://huggingface.co/{repo}"
-    try:
-        yield
-    except hf.RevisionNotFoundError:
-        raise SaelabError(f"{repo}: revision not found; fix {setting}") from None
-    except hf.GatedRepoError:
-        raise SaelabError(f"{repo} is gated and HF_TOKEN has no access: accept its terms at "
-                          f"{gated_url} with the token's account, then rerun") from None
-    except hf.RepositoryNotFoundError:
-        raise SaelabError(f"{repo} not found, or HF_TOKEN cannot see it (invalid or expired "
-                          f"token?); check {setting} and the token") from None
-    except hf.HfHubHTTPError as e:
-        status = getattr(e.response, "status_code", None)
-        if status in (401, 403):
-            raise SaelabError(f"the Hub refused HF_TOKEN for {repo} (HTTP {status}): the token "
-                              f"is invalid or lacks access; see {gated_url}") from None
-        raise SaelabError(f"Hub request for {repo} failed (HTTP {status}); retry later") from None
-    except (hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError):
-        raise SaelabError(f"{repo} is not cached and the Hub cannot be reached (offline, or "
-                          "HF_HUB_OFFLINE=1); connect to the internet or pick an offline "
-                          "profile") from None
-    except _network_errors() as e:
-        raise SaelabError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: "
-                          f"{e}); check the network, or pick an offline profile") from None
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """Connection failures of whichever HTTP client this huggingface_hub uses."""
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
-                         ("requests", "ConnectionError"), ("requests", "Timeout")):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(found)
 
 
 def _read_json(path: Path) -> dict:
@@ -212,7 +156,7 @@ normalisation scalar and norm statistics.
 
 ```python
 from huggingface_hub import snapshot_download
-from saelab.store import ActivationStore
+from saelab.activations.store import ActivationStore
 
 store = ActivationStore(snapshot_download("{repo_id or '<this repo>'}", repo_type="dataset"))
 x = store.sample(4096, seed=0)  # float32 [4096, {d}], scaled so E||x||^2 = 1
@@ -232,7 +176,7 @@ def upload_store(store_dir: Path | str, repo_id: str, *, private: bool = True,
     """Create (or reuse) the dataset repo, push store and card in one commit, return its URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from .store import ActivationStore
+    from ..activations.store import ActivationStore
 
     store_dir = Path(store_dir)
     token = hub_token(f"uploading the store to {repo_id}",
