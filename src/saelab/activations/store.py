@@ -184,53 +184,15 @@ class StoreWriter:
                        "n_tokens": n_tokens, "shard_tokens": shard_tokens,
                        "context_len": context_len}
         self.num_shards = -(-n_tokens // shard_tokens)
-        self.shards: list[dict[str, Any]] = []
-        self.complete: dict[str, Any] | None = None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._resume()
+        self.complete, self.shards = _resume(self.out_dir, self.header, self.num_shards)
+        if self.complete is None and self.shards:
+            self._save_partial()
         self._streams: dict[str, NpyStream] = {}
         self._filled = 0
         self._pending: list[tuple[int, np.ndarray]] = []  # forwarded rows not yet in a shard
         self._rows_lo = self.shards[-1]["rows"][1] if self.shards else 0
         self._skip = self.resume_skip
-
-    # --- resume ------------------------------------------------------------------------
-
-    def _resume(self) -> None:
-        done = self.out_dir / MANIFEST
-        partial = self.out_dir / PARTIAL
-        if done.is_file():
-            manifest = atomic.read_json(done)
-            if manifest and manifest.get("fingerprint") == self.header["fingerprint"] and \
-                    not ActivationStore(self.out_dir).verify():
-                self.complete = manifest
-                # a run killed while finishing may have left its partial files behind
-                _remove_store_files(self.out_dir, keep=[MANIFEST, *_files(manifest)])
-                return
-            log.info("existing store in %s was made with other inputs (or is damaged): "
-                     "starting over", self.out_dir)
-        elif partial.is_file():
-            state = atomic.read_json(partial)
-            if state and {k: state.get(k) for k in self.header} == self.header:
-                self.shards = self._sound_prefix(state["shards"])
-                log.info("resuming %s after %d complete shard(s) of %d", self.out_dir,
-                         len(self.shards), self.num_shards)
-            else:
-                log.info("unfinished store in %s was made with other inputs: starting over",
-                         self.out_dir)
-        keep = [e["file"] for s in self.shards for e in s["files"].values()]
-        _remove_store_files(self.out_dir, keep=keep)
-        if self.shards:
-            self._save_partial()
-
-    def _sound_prefix(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for i, shard in enumerate(shards):
-            for entry in shard["files"].values():
-                if file_problem(self.out_dir / entry["file"], entry):
-                    log.warning("shard %d is damaged (%s): recomputing from there", i,
-                                entry["file"])
-                    return shards[:i]
-        return shards
 
     def _save_partial(self) -> None:
         _write_json(self.out_dir / PARTIAL, {**self.header, "shards": self.shards})
@@ -342,7 +304,8 @@ class StoreWriter:
             "dtype": self.header["dtype"], "d": self.header["d"],
             "n_tokens": self.header["n_tokens"], "context_len": ctx, "n_rows": n_rows,
             "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
-            **self._statistics(rows, special_ids, bos_id, eos_id),
+            **_statistics(self.out_dir, self.shards, rows, n_tokens=self.header["n_tokens"],
+                          special_ids=special_ids, bos_id=bos_id, eos_id=eos_id),
             "fingerprint": self.header["fingerprint"],
             "shard_tokens": self.header["shard_tokens"],
             "rows": rows_entry, "shards": shards,
@@ -354,39 +317,82 @@ class StoreWriter:
         self.complete = manifest
         return manifest
 
-    def _statistics(self, rows: np.ndarray, special_ids: Collection[int], bos_id: int,
-                    eos_id: int) -> dict[str, Any]:
-        ctx = self.header["context_len"]
-        norms, sums, counts = [], np.zeros(ctx), np.zeros(ctx)
-        last_pos = 0
-        for s in self.shards:
-            nm = np.load(self.out_dir / s["files"]["norms"]["file"]).astype(np.float64)
-            pos = np.load(self.out_dir / s["files"]["index"]["file"], mmap_mode="r")[:, 1]
-            sums += np.bincount(pos, weights=nm, minlength=ctx)
-            counts += np.bincount(pos, minlength=ctx)
-            norms.append(nm)
-            last_pos = int(pos[-1])
-        norms = np.concatenate(norms)
-        mean_sq = float(np.mean(norms ** 2))
-        # Exclusions are read off the rows up to the last stored vector: a fact of the store,
-        # identical however many times the run was interrupted.
-        seen = rows.reshape(-1)[: rows.size - (ctx - 1 - last_pos)]
-        is_special = np.isin(seen, np.fromiter(special_ids, np.int64))
-        n_special = int(is_special.sum())
-        n_bos, n_eos = int((seen == bos_id).sum()), int((seen == eos_id).sum())
-        per_pos = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        return {
-            "scale": 1.0 / float(np.sqrt(mean_sq)),
-            "norm": {
-                "mean": float(norms.mean()), "rms": float(np.sqrt(mean_sq)),
-                "percentiles": {f"p{q:g}": float(v)
-                                for q, v in zip(PERCENTILES, np.percentile(norms, PERCENTILES))},
-                "per_position_mean": [None if np.isnan(v) else round(float(v), 6)
-                                      for v in per_pos],
-            },
-            "excluded": {"bos": n_bos, "eos": n_eos, "other_special": n_special - n_bos - n_eos,
-                         "outlier": int(seen.size - n_special - self.header["n_tokens"])},
-        }
+
+def _resume(out_dir: Path, header: dict[str, Any], num_shards: int,
+            ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """What a writer with `header` can keep of `out_dir`: (the manifest of a finished store
+    that matches it, or None; the sound leading shards of a matching unfinished one).
+    Every other store file there is deleted."""
+    done = out_dir / MANIFEST
+    partial = out_dir / PARTIAL
+    shards: list[dict[str, Any]] = []
+    if done.is_file():
+        manifest = atomic.read_json(done)
+        if manifest and manifest.get("fingerprint") == header["fingerprint"] and \
+                not ActivationStore(out_dir).verify():
+            # a run killed while finishing may have left its partial files behind
+            _remove_store_files(out_dir, keep=[MANIFEST, *_files(manifest)])
+            return manifest, []
+        log.info("existing store in %s was made with other inputs (or is damaged): "
+                 "starting over", out_dir)
+    elif partial.is_file():
+        state = atomic.read_json(partial)
+        if state and {k: state.get(k) for k in header} == header:
+            shards = _sound_prefix(out_dir, state["shards"])
+            log.info("resuming %s after %d complete shard(s) of %d", out_dir, len(shards),
+                     num_shards)
+        else:
+            log.info("unfinished store in %s was made with other inputs: starting over",
+                     out_dir)
+    _remove_store_files(out_dir, keep=[e["file"] for s in shards for e in s["files"].values()])
+    return None, shards
+
+
+def _sound_prefix(out_dir: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for i, shard in enumerate(shards):
+        for entry in shard["files"].values():
+            if file_problem(out_dir / entry["file"], entry):
+                log.warning("shard %d is damaged (%s): recomputing from there", i,
+                            entry["file"])
+                return shards[:i]
+    return shards
+
+
+def _statistics(out_dir: Path, shards: list[dict[str, Any]], rows: np.ndarray, *,
+                n_tokens: int, special_ids: Collection[int], bos_id: int,
+                eos_id: int) -> dict[str, Any]:
+    """The manifest's normalisation scalar, norm statistics and exclusion counts."""
+    ctx = rows.shape[1]
+    norms, sums, counts = [], np.zeros(ctx), np.zeros(ctx)
+    last_pos = 0
+    for s in shards:
+        nm = np.load(out_dir / s["files"]["norms"]["file"]).astype(np.float64)
+        pos = np.load(out_dir / s["files"]["index"]["file"], mmap_mode="r")[:, 1]
+        sums += np.bincount(pos, weights=nm, minlength=ctx)
+        counts += np.bincount(pos, minlength=ctx)
+        norms.append(nm)
+        last_pos = int(pos[-1])
+    norms = np.concatenate(norms)
+    mean_sq = float(np.mean(norms ** 2))
+    # Exclusions are read off the rows up to the last stored vector: a fact of the store,
+    # identical however many times the run was interrupted.
+    seen = rows.reshape(-1)[: rows.size - (ctx - 1 - last_pos)]
+    is_special = np.isin(seen, np.fromiter(special_ids, np.int64))
+    n_special = int(is_special.sum())
+    n_bos, n_eos = int((seen == bos_id).sum()), int((seen == eos_id).sum())
+    per_pos = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return {
+        "scale": 1.0 / float(np.sqrt(mean_sq)),
+        "norm": {
+            "mean": float(norms.mean()), "rms": float(np.sqrt(mean_sq)),
+            "percentiles": {f"p{q:g}": float(v)
+                            for q, v in zip(PERCENTILES, np.percentile(norms, PERCENTILES))},
+            "per_position_mean": [None if np.isnan(v) else round(float(v), 6)
+                                  for v in per_pos],
+        },
+        "excluded": {"bos": n_bos, "eos": n_eos, "other_special": n_special - n_bos - n_eos,
+                     "outlier": int(seen.size - n_special - n_tokens)},
+    }
 
 
 def _files(manifest: dict[str, Any]) -> list[str]:

@@ -141,25 +141,10 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=cfg.autocast_bf16 and device.type == "cuda")
 
-    # Running state, all of it checkpointed so a resumed run is bit-identical.
-    st: dict[str, Any] = {
-        "step": 0,
-        "since_fired": torch.zeros(cfg.d_sae, dtype=torch.float64, device=device),
-        "dead": torch.zeros(cfg.d_sae, dtype=torch.bool, device=device),
-        "n_dead": 0,
-        "win_counts": torch.zeros(cfg.d_sae, dtype=torch.float64, device=device),
-        "win": torch.zeros(5, dtype=torch.float64, device=device),  # loss recon l0 var steps
-        "first_bad": torch.full((), -1, dtype=torch.long, device=device),
-        "history": [],
-        "tokens_seen": 0,
-    }
+    st = _fresh_state(cfg.d_sae, device)
     fp = _fingerprint(cfg, d_in=d_in, n_tokens=n_tokens, lr=lr, seed=seed, world=world,
                       data=data_fingerprint)
-    ckpt = checkpoint.load(checkpoint_dir, fp) if rank == 0 else None
-    if world > 1:
-        box = [ckpt]
-        dist.broadcast_object_list(box, src=0)
-        ckpt = box[0]
+    ckpt = _find_checkpoint(checkpoint_dir, fp, rank, world)
     if ckpt is not None:
         sae.load_state_dict(ckpt["sae"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -174,62 +159,9 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     else:
         data = itertools.islice(batches, start, None)
     params = [p for p in sae.parameters()]
-    raw_theta = cfg.architecture == "jumprelu" and cfg.theta_param == "raw"
     use_aux = cfg.architecture != "jumprelu" and cfg.aux_k > 0
     lam = 0.0
     gnorm = torch.zeros((), device=device)
-
-    def save_checkpoint() -> None:
-        if checkpoint_dir is None or rank != 0:
-            return
-        checkpoint.save(checkpoint_dir, {
-            "fingerprint": fp, "sae": sae.state_dict(), "optimizer": opt.state_dict(),
-            "state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                      for k, v in st.items()},
-            "rng": checkpoint.rng_state(),
-        })
-
-    def check_finite() -> None:
-        bad = int(st["first_bad"])
-        if bad >= 0:
-            where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
-            raise SaelabError(
-                f"the loss or gradient became NaN/Inf at step {bad + 1} of {total_steps}"
-                f"{where}. Lower the learning rate (sae.lr) or keep sae.clip_grad_norm on, "
-                f"and check the activations for Inf/NaN")
-
-    def close_window(s: int) -> None:
-        """End of a logging window: global firing stats, dead mask, history row."""
-        if world > 1:
-            dist.all_reduce(st["win_counts"])
-            dist.all_reduce(st["win"])
-            st["win"] /= world
-        w = st["win"].tolist()
-        n_steps = max(w[4], 1.0)
-        tokens = n_steps * cfg.batch_size
-        fired = st["win_counts"] > 0
-        st["since_fired"] = torch.where(fired, 0.0, st["since_fired"] + tokens)
-        st["dead"] = st["since_fired"] >= cfg.dead_tokens
-        st["n_dead"] = int(st["dead"].sum())
-        # Dead: silent for sae.dead_tokens; a run shorter than twice that uses the last half
-        # of its tokens, else a latent that fired once early would never count as dead.
-        dead_window = min(cfg.dead_tokens, max(st["tokens_seen"] // 2, 1))
-        density = st["win_counts"] / tokens
-        row = {
-            "step": s, "tokens": st["tokens_seen"],
-            "loss": w[0] / n_steps, "mse": w[1] / n_steps / d_in, "l0": w[2] / n_steps,
-            "fvu": w[1] / w[3] if w[3] > 0 else math.nan,
-            "lr": opt.param_groups[0]["lr"], "lambda": lam,
-            "grad_norm": float(gnorm),
-            "dead_fraction": float((st["since_fired"] >= dead_window).double().mean()),
-            "frac_active_gt_1pct": float((density > 0.01).double().mean()),
-            "frac_active_gt_10pct": float((density > 0.1).double().mean()),
-        }
-        st["history"].append(row)
-        st["win_counts"].zero_()
-        st["win"].zero_()
-        if log_fn is not None and rank == 0:
-            log_fn(s, row)
 
     from tqdm import tqdm
 
@@ -252,50 +184,167 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
 
         with autocast:
             loss, recon, fired, f = objective(x, lam, st["dead"], st["n_dead"] if use_aux else 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if sae.unit_decoder:
-            sae.remove_parallel_grad()
-        if cfg.clip_grad_norm > 0:
-            gnorm = nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-        opt.step()
+        gnorm = _apply_gradients(sae, opt, loss, params, f, gnorm, world)
         with torch.no_grad():
-            if sae.unit_decoder:
-                sae.normalise_decoder()
-            if raw_theta:
-                # Keep theta >= 0 by projection (a clamp in the graph would kill its gradient).
-                sae.raw_threshold.clamp_(min=0.0)
-            if cfg.architecture == "batchtopk":
-                sae.update_batch_threshold(f)
-                if world > 1:
-                    dist.all_reduce(sae.batch_threshold)
-                    sae.batch_threshold /= world
-            ok = torch.isfinite(loss) & torch.isfinite(gnorm)
-            st["first_bad"] = torch.where(ok | (st["first_bad"] >= 0), st["first_bad"],
-                                          torch.full_like(st["first_bad"], s))
-            st["win_counts"] += fired
-            st["win"] += torch.stack([loss.detach().double(), recon.double(),
-                                      fired.sum().double() / len(x),
-                                      (x - x.mean(0)).pow(2).sum(-1).mean().double(),
-                                      torch.ones((), dtype=torch.float64, device=device)])
+            _record_step(st, s, x, loss, recon, fired, gnorm)
         st["step"] = s + 1
         st["tokens_seen"] += cfg.batch_size
         steps_run += 1
         bar.update()
         last = s + 1 == total_steps
         if (s + 1) % cfg.log_every == 0 or last:
-            check_finite()
-            close_window(s + 1)
+            _check_finite(st, total_steps, checkpoint_dir)
+            row = _close_window(st, cfg, step=s + 1, d_in=d_in, world=world,
+                                lr=opt.param_groups[0]["lr"], lam=lam, gnorm=gnorm)
+            if log_fn is not None and rank == 0:
+                log_fn(s + 1, row)
         if checkpoint_dir is not None and ((s + 1) % cfg.checkpoint_every == 0 or last):
-            check_finite()
-            save_checkpoint()
+            _check_finite(st, total_steps, checkpoint_dir)
+            if rank == 0:
+                _save_checkpoint(checkpoint_dir, fp, sae, opt, st)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     bar.close()
-    check_finite()
+    _check_finite(st, total_steps, checkpoint_dir)
 
     sae.eval()
+    metrics = _final_metrics(sae, st, total_steps=total_steps, steps_run=steps_run,
+                             elapsed=elapsed, eval_batches=eval_batches,
+                             n_eval=eval_n_batches or max(1, cfg.eval_tokens // local_bs))
+    return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]))
+
+
+# --- the pieces of a training run ------------------------------------------------------
+
+def _fresh_state(d_sae: int, device: torch.device) -> dict[str, Any]:
+    """The running state besides the SAE and optimiser, all of it checkpointed so a resumed
+    run is bit-identical: step, dead-latent clocks, the open logging window (loss, recon,
+    L0, variance, steps), the first non-finite step, history rows."""
+    return {
+        "step": 0,
+        "since_fired": torch.zeros(d_sae, dtype=torch.float64, device=device),
+        "dead": torch.zeros(d_sae, dtype=torch.bool, device=device),
+        "n_dead": 0,
+        "win_counts": torch.zeros(d_sae, dtype=torch.float64, device=device),
+        "win": torch.zeros(5, dtype=torch.float64, device=device),  # loss recon l0 var steps
+        "first_bad": torch.full((), -1, dtype=torch.long, device=device),
+        "history": [],
+        "tokens_seen": 0,
+    }
+
+
+def _find_checkpoint(checkpoint_dir: Path | None, fp: str, rank: int,
+                     world: int) -> dict[str, Any] | None:
+    """Rank 0's matching checkpoint, handed to every rank."""
+    ckpt = checkpoint.load(checkpoint_dir, fp) if rank == 0 else None
+    if world > 1:
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    return ckpt
+
+
+def _save_checkpoint(checkpoint_dir: Path, fp: str, sae: SAE, opt: torch.optim.Optimizer,
+                     st: dict[str, Any]) -> None:
+    checkpoint.save(checkpoint_dir, {
+        "fingerprint": fp, "sae": sae.state_dict(), "optimizer": opt.state_dict(),
+        "state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in st.items()},
+        "rng": checkpoint.rng_state(),
+    })
+
+
+def _check_finite(st: dict[str, Any], total_steps: int, checkpoint_dir: Path | None) -> None:
+    bad = int(st["first_bad"])
+    if bad >= 0:
+        where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
+        raise SaelabError(
+            f"the loss or gradient became NaN/Inf at step {bad + 1} of {total_steps}"
+            f"{where}. Lower the learning rate (sae.lr) or keep sae.clip_grad_norm on, "
+            f"and check the activations for Inf/NaN")
+
+
+def _apply_gradients(sae: SAE, opt: torch.optim.Optimizer, loss: torch.Tensor,
+                     params: list[nn.Parameter], f: torch.Tensor | None, gnorm: torch.Tensor,
+                     world: int) -> torch.Tensor:
+    """Backward, decoder-gradient projection, clip, Adam, then the constraints that follow a
+    step (unit atoms, theta >= 0, BatchTopK's threshold); returns the gradient norm."""
+    cfg = sae.cfg
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if sae.unit_decoder:
+        sae.remove_parallel_grad()
+    if cfg.clip_grad_norm > 0:
+        gnorm = nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+    opt.step()
+    with torch.no_grad():
+        if sae.unit_decoder:
+            sae.normalise_decoder()
+        if cfg.architecture == "jumprelu" and cfg.theta_param == "raw":
+            # Keep theta >= 0 by projection (a clamp in the graph would kill its gradient).
+            sae.raw_threshold.clamp_(min=0.0)
+        if cfg.architecture == "batchtopk":
+            sae.update_batch_threshold(f)
+            if world > 1:
+                dist.all_reduce(sae.batch_threshold)
+                sae.batch_threshold /= world
+    return gnorm
+
+
+def _record_step(st: dict[str, Any], s: int, x: torch.Tensor, loss: torch.Tensor,
+                 recon: torch.Tensor, fired: torch.Tensor, gnorm: torch.Tensor) -> None:
+    """Add step `s` to the logging window, on the device (no sync), and remember the first
+    step whose loss or gradient was not finite."""
+    ok = torch.isfinite(loss) & torch.isfinite(gnorm)
+    st["first_bad"] = torch.where(ok | (st["first_bad"] >= 0), st["first_bad"],
+                                  torch.full_like(st["first_bad"], s))
+    st["win_counts"] += fired
+    st["win"] += torch.stack([loss.detach().double(), recon.double(),
+                              fired.sum().double() / len(x),
+                              (x - x.mean(0)).pow(2).sum(-1).mean().double(),
+                              torch.ones((), dtype=torch.float64, device=x.device)])
+
+
+def _close_window(st: dict[str, Any], cfg: SAECfg, *, step: int, d_in: int, world: int,
+                  lr: float, lam: float, gnorm: torch.Tensor) -> dict[str, float]:
+    """End of a logging window: global firing stats, dead mask, the history row."""
+    if world > 1:
+        dist.all_reduce(st["win_counts"])
+        dist.all_reduce(st["win"])
+        st["win"] /= world
+    w = st["win"].tolist()
+    n_steps = max(w[4], 1.0)
+    tokens = n_steps * cfg.batch_size
+    fired = st["win_counts"] > 0
+    st["since_fired"] = torch.where(fired, 0.0, st["since_fired"] + tokens)
+    st["dead"] = st["since_fired"] >= cfg.dead_tokens
+    st["n_dead"] = int(st["dead"].sum())
+    # Dead: silent for sae.dead_tokens; a run shorter than twice that uses the last half
+    # of its tokens, else a latent that fired once early would never count as dead.
+    dead_window = min(cfg.dead_tokens, max(st["tokens_seen"] // 2, 1))
+    density = st["win_counts"] / tokens
+    row = {
+        "step": step, "tokens": st["tokens_seen"],
+        "loss": w[0] / n_steps, "mse": w[1] / n_steps / d_in, "l0": w[2] / n_steps,
+        "fvu": w[1] / w[3] if w[3] > 0 else math.nan,
+        "lr": lr, "lambda": lam,
+        "grad_norm": float(gnorm),
+        "dead_fraction": float((st["since_fired"] >= dead_window).double().mean()),
+        "frac_active_gt_1pct": float((density > 0.01).double().mean()),
+        "frac_active_gt_10pct": float((density > 0.1).double().mean()),
+    }
+    st["history"].append(row)
+    st["win_counts"].zero_()
+    st["win"].zero_()
+    return row
+
+
+def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run: int,
+                   elapsed: float, eval_batches: Iterator[torch.Tensor] | None,
+                   n_eval: int) -> dict[str, Any]:
+    """Throughput and the last window's figures; reconstruction on `eval_batches` if given;
+    threshold quantiles for the architectures that have thresholds."""
+    cfg = sae.cfg
     last_row = st["history"][-1] if st["history"] else {}
     metrics: dict[str, Any] = {
         "steps": total_steps, "tokens": total_steps * cfg.batch_size,
@@ -305,7 +354,6 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         "dead_fraction": last_row.get("dead_fraction", math.nan),
     }
     if eval_batches is not None:
-        n_eval = eval_n_batches or max(1, cfg.eval_tokens // local_bs)
         metrics.update(reconstruction_metrics(sae, eval_batches, n_eval))
     else:
         metrics.update({k: last_row.get(k, math.nan) for k in
@@ -314,7 +362,7 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         theta = sae.threshold.detach().float().cpu()
         for q in THETA_QUANTILES:
             metrics[f"theta_q{int(q * 100)}"] = float(theta.quantile(q))
-    return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]))
+    return metrics
 
 
 # --- streaming: activations straight from the model, shuffled in memory ----------------
