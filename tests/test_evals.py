@@ -1,5 +1,6 @@
 """Evaluation metrics on a perfect SAE, a useless one, and a tiny random Llama."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -89,3 +90,29 @@ def test_unknown_hook_or_layer_is_a_clear_error(tiny_llama):
     with pytest.raises(SaelabError, match="unknown hook"):
         lm_metrics(tiny_llama, perfect_sae(), rows(), layer=1, hook="attn_out", scale=1.0,
                    device="cpu")
+
+
+def test_lm_metrics_bootstrap_interval_and_random_model_flag(tiny_llama):
+    useless = perfect_sae()
+    with torch.no_grad():
+        useless.W_dec.mul_(0.5)  # a half-strength reconstruction: between perfect and zero
+    m = lm_metrics(tiny_llama, useless, rows(), layer=1, hook="mlp_out", scale=1.0,
+                   device="cpu")
+    assert m["lm_eval_rows"] == 2
+    lo, hi = m["delta_lm_loss_ci95"]
+    assert lo <= m["delta_lm_loss"] <= hi and lo < hi  # two rows that differ: a real interval
+    lo, hi = m["ce_loss_recovered_ci95"]
+    assert lo <= m["ce_loss_recovered"] <= hi
+    # The fixture has random weights: its clean CE is near ln(vocab), and the figures are
+    # flagged as saying nothing about a language model.
+    assert m["ce_clean"] > 0.9 * math.log(tiny_llama.config.vocab_size)
+    assert m["lm_metrics_meaningful"] is False and "random-weight" in m["lm_metrics_note"]
+
+
+def test_a_model_that_predicts_is_not_flagged(tiny_llama, monkeypatch):
+    import saelab.sae.evals as evals
+    # Same computation, but a threshold no model's CE can pass: nothing gets flagged.
+    monkeypatch.setattr(evals, "RANDOM_MODEL_CE_FRACTION", 10.0)
+    m = lm_metrics(tiny_llama, perfect_sae(), rows(), layer=1, hook="mlp_out", scale=1.0,
+                   device="cpu")
+    assert m["lm_metrics_meaningful"] is True and "lm_metrics_note" not in m

@@ -6,6 +6,7 @@ import itertools
 import math
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,6 +77,10 @@ def _splice(model: nn.Module, layer: int, hook: str, replace):
         handle.remove()
 
 
+# Clean CE above this fraction of ln(vocab): the model is no better than uniform guessing.
+RANDOM_MODEL_CE_FRACTION = 0.9
+
+
 @torch.no_grad()
 def lm_metrics(model: nn.Module, sae: SAE, rows: Iterable[torch.Tensor], *, layer: int,
                hook: str, scale: float, device: torch.device | str) -> dict:
@@ -100,8 +105,7 @@ def lm_metrics(model: nn.Module, sae: SAE, rows: Iterable[torch.Tensor], *, laye
     def zero(h):
         return torch.where(keep_clean.unsqueeze(-1), h, torch.zeros_like(h))
 
-    tot = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
-    n_tok = 0
+    per_row: list[list[float]] = []  # clean, sae, zero, kl sums and tokens, per row
     for ids in rows:
         ids = torch.as_tensor(ids, device=device).long()
         if ids.dim() == 1:
@@ -109,33 +113,66 @@ def lm_metrics(model: nn.Module, sae: SAE, rows: Iterable[torch.Tensor], *, laye
         special = torch.isin(ids, torch.tensor((BOS_ID, EOS_ID), device=ids.device))
         keep_clean = special
         mask = ~(special[:, :-1] | special[:, 1:])  # neither the input nor the target special
-        targets = ids[:, 1:][mask]
-        if targets.numel() == 0:
+        if not mask.any():
             continue
 
         def logp(ctx=contextlib.nullcontext()):
             with ctx:
-                logits = model(input_ids=ids).logits[:, :-1][mask].float()
-            return F.log_softmax(logits, dim=-1)
+                return F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
 
         lp_clean = logp()
         lp_sae = logp(_splice(model, layer, hook, through_sae))
         lp_zero = logp(_splice(model, layer, hook, zero))
-        for name, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero)):
-            tot[name] += float(F.nll_loss(lp, targets, reduction="sum"))
-        tot["kl"] += float(F.kl_div(lp_sae, lp_clean, log_target=True, reduction="sum"))
-        n_tok += targets.numel()
-    if n_tok == 0:
+        nll = {name: -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+               for name, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero))}
+        kl = F.kl_div(lp_sae, lp_clean, log_target=True, reduction="none").sum(-1)
+        m = mask.to(kl.dtype)
+        per_row += torch.stack([(nll["clean"] * m).sum(1), (nll["sae"] * m).sum(1),
+                                (nll["zero"] * m).sum(1), (kl * m).sum(1),
+                                m.sum(1)], dim=1).double().tolist()
+    if not per_row:
         raise SaelabError("no held-out tokens to evaluate the LM loss on; "
                           "check the corpus's held-out split")
-    ce = {k: v / n_tok for k, v in tot.items()}
-    denom = ce["zero"] - ce["clean"]
-    return {
-        "ce_clean": ce["clean"],
-        "ce_sae": ce["sae"],
-        "ce_zero_ablation": ce["zero"],
-        "delta_lm_loss": ce["sae"] - ce["clean"],
-        "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if denom != 0 else math.nan,
-        "kl_div": ce["kl"],
-        "lm_eval_tokens": n_tok,
+    sums = np.asarray(per_row)
+    clean, sae_ce, zero_ce, kl_sum, n_tok = sums.sum(0)
+    denom = zero_ce - clean
+    out = {
+        "ce_clean": clean / n_tok,
+        "ce_sae": sae_ce / n_tok,
+        "ce_zero_ablation": zero_ce / n_tok,
+        "delta_lm_loss": (sae_ce - clean) / n_tok,
+        "ce_loss_recovered": (zero_ce - sae_ce) / denom if denom != 0 else math.nan,
+        "kl_div": kl_sum / n_tok,
+        "lm_eval_tokens": int(n_tok),
+        "lm_eval_rows": len(sums),
+        **_bootstrap(sums),
     }
+    # A random-weight model predicts next tokens about uniformly: its clean CE sits near
+    # ln(vocab) and ablating a layer barely moves it, so these ratios measure noise.
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    meaningful = not (vocab and out["ce_clean"] > RANDOM_MODEL_CE_FRACTION * math.log(vocab))
+    out["lm_metrics_meaningful"] = meaningful
+    if not meaningful:
+        out["lm_metrics_note"] = (
+            f"clean CE {out['ce_clean']:.2f} nats is near ln(vocab) = {math.log(vocab):.2f} "
+            "(a random-weight model): delta LM loss, CE loss recovered and KL say nothing "
+            "about a language model here")
+    return out
+
+
+def _bootstrap(sums: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """95% intervals of delta LM loss and CE recovered over held-out rows (resampled with
+    replacement), so a reader sees whether two SAEs' figures differ beyond row noise."""
+    if len(sums) < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    t = sums[rng.integers(0, len(sums), size=(n_resamples, len(sums)))].sum(1)
+    clean, sae_ce, zero_ce, _, n_tok = t.T
+    delta = (sae_ce - clean) / n_tok
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recovered = (zero_ce - sae_ce) / (zero_ce - clean)
+    recovered = recovered[np.isfinite(recovered)]
+
+    def ci(v: np.ndarray) -> list[float] | None:
+        return [float(q) for q in np.percentile(v, [2.5, 97.5])] if len(v) else None
+    return {"delta_lm_loss_ci95": ci(delta), "ce_loss_recovered_ci95": ci(recovered)}

@@ -532,7 +532,7 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     from ..core import paths
     from ..core.plots import write_csv
     from .autoencoder import export_sae
-    from ..core.tracking import log_artifact, log_metrics
+    from ..core.tracking import log_artifact, log_metrics, set_tags
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
     info = atomic.read_json(paths.MODEL_JSON) or {}
@@ -542,6 +542,9 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
         from .evals import lm_metrics
         metrics.update(lm_metrics(model, result.sae, _row_batches(heldout_rows, 8),
                                   layer=ex.layer, hook=ex.hook, scale=scale, device=device))
+        set_tags({"lm_metrics_meaningful": metrics["lm_metrics_meaningful"]})
+        if not metrics["lm_metrics_meaningful"]:
+            log.warning("LM metrics are not meaningful here: %s", metrics["lm_metrics_note"])
     if paths.SAE_DIR.exists():
         shutil.rmtree(paths.SAE_DIR)
     export_sae(result.sae, paths.SAE_DIR, scale=scale, meta={
