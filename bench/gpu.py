@@ -63,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the working tree's saelab, installed or not
 
 from saelab.activations.extract import (extract_store, prefetch,  # noqa: E402
-                                        stream_activations, token_rows)
+                                        special_token_ids, stream_activations, token_rows)
 from saelab.activations.store import ActivationStore  # noqa: E402
 from saelab.core.config import BudgetCfg, Params, SAECfg, parse_params  # noqa: E402
 from saelab.core.errors import SaelabError  # noqa: E402
@@ -223,7 +223,8 @@ def step_extract(env: Env) -> dict[str, Any]:
     def producer() -> int:
         n = 0
         for batch in stream_activations(model, rows, layer=ext.layer, hook=ext.hook,
-                                        batch_tokens=ext.batch_tokens, device=env.device):
+                                        batch_tokens=ext.batch_tokens, device=env.device,
+                                        exclude_ids=special_token_ids(env.tokenizer)):
             n += len(batch.token_ids)
             if n >= sz.producer_tokens:
                 break
@@ -405,7 +406,8 @@ def step_stream(env: Env) -> dict[str, Any]:
     def acts():
         rows = prefetch(token_rows(env.tokenizer, itertools.cycle(env.texts), ext.context_len))
         for batch in stream_activations(model, rows, layer=ext.layer, hook=ext.hook,
-                                        batch_tokens=ext.batch_tokens, device=env.device):
+                                        batch_tokens=ext.batch_tokens, device=env.device,
+                                        exclude_ids=special_token_ids(env.tokenizer)):
             yield batch.acts
     scale = stream_scale(acts())
     cfg = dataclasses.replace(SAECfg(), d_sae=sz.d_sae, batch_size=sz.batch,

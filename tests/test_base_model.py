@@ -95,8 +95,7 @@ def test_base_json_describes_the_model(tiny):
 
 def test_layer_the_model_lacks_is_a_clear_error(tiny, tmp_path, monkeypatch):
     with pytest.raises(SaelabError, match=r"extract.layer = 8 but model m has 4 layers \(0\.\.3\)"):
-        check_layer(build_model_config(parse_params({"model": {"num_hidden_layers": 4},
-                                                     "extract": {"layer": 2}}).model), 8, "m")
+        check_layer(4, 8, "m")
     # A Hub checkpoint with fewer layers than params promise is caught after download.
     root, _ = tiny
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")

@@ -65,19 +65,24 @@ def rows():
 
 def test_lm_metrics_perfect_and_useless_sae(tiny_llama):
     good = lm_metrics(tiny_llama, perfect_sae(), rows(), layer=1, hook="mlp_out", scale=2.5,
-                      device="cpu")
+                      device="cpu", special_ids=(BOS, EOS))
     # 2 rows x 23 predictions, minus those from or of a special token (BOS x2, EOS in & out)
     assert good["lm_eval_tokens"] == 2 * 23 - 2 - 2
     assert good["delta_lm_loss"] == pytest.approx(0, abs=1e-5)
     assert good["kl_div"] == pytest.approx(0, abs=1e-5)
     assert good["ce_zero_ablation"] != pytest.approx(good["ce_clean"], abs=1e-4)
     assert good["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    # The masked ids are the caller's (its tokenizer's), not Llama-3's: with only BOS
+    # special, the two predictions from and of the EOS count.
+    bos_only = lm_metrics(tiny_llama, perfect_sae(), rows(), layer=1, hook="mlp_out",
+                          scale=2.5, device="cpu", special_ids=(BOS,))
+    assert bos_only["lm_eval_tokens"] == 2 * 23 - 2
 
     useless = perfect_sae()
     with torch.no_grad():
         useless.W_dec.zero_()  # x_hat = b_dec = 0: the zero ablation
     bad = lm_metrics(tiny_llama, useless, rows(), layer=1, hook="mlp_out", scale=1.0,
-                     device="cpu")
+                     device="cpu", special_ids=(BOS, EOS))
     assert bad["ce_sae"] == pytest.approx(bad["ce_zero_ablation"], abs=1e-6)
     assert bad["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert bad["kl_div"] > 0
@@ -86,10 +91,10 @@ def test_lm_metrics_perfect_and_useless_sae(tiny_llama):
 def test_unknown_hook_or_layer_is_a_clear_error(tiny_llama):
     with pytest.raises(SaelabError, match="layer 8"):
         lm_metrics(tiny_llama, perfect_sae(), rows(), layer=8, hook="mlp_out", scale=1.0,
-                   device="cpu")
+                   device="cpu", special_ids=(BOS, EOS))
     with pytest.raises(SaelabError, match="unknown hook"):
         lm_metrics(tiny_llama, perfect_sae(), rows(), layer=1, hook="attn_out", scale=1.0,
-                   device="cpu")
+                   device="cpu", special_ids=(BOS, EOS))
 
 
 def test_lm_metrics_bootstrap_interval_and_random_model_flag(tiny_llama):
@@ -97,7 +102,7 @@ def test_lm_metrics_bootstrap_interval_and_random_model_flag(tiny_llama):
     with torch.no_grad():
         useless.W_dec.mul_(0.5)  # a half-strength reconstruction: between perfect and zero
     m = lm_metrics(tiny_llama, useless, rows(), layer=1, hook="mlp_out", scale=1.0,
-                   device="cpu")
+                   device="cpu", special_ids=(BOS, EOS))
     assert m["lm_eval_rows"] == 2
     lo, hi = m["delta_lm_loss_ci95"]
     assert lo <= m["delta_lm_loss"] <= hi and lo < hi  # two rows that differ: a real interval
@@ -114,5 +119,5 @@ def test_a_model_that_predicts_is_not_flagged(tiny_llama, monkeypatch):
     # Same computation, but a threshold no model's CE can pass: nothing gets flagged.
     monkeypatch.setattr(evals, "RANDOM_MODEL_CE_FRACTION", 10.0)
     m = lm_metrics(tiny_llama, perfect_sae(), rows(), layer=1, hook="mlp_out", scale=1.0,
-                   device="cpu")
+                   device="cpu", special_ids=(BOS, EOS))
     assert m["lm_metrics_meaningful"] is True and "lm_metrics_note" not in m

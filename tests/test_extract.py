@@ -17,7 +17,7 @@ from saelab.data.base_model import build_model_config
 from saelab.core.config import ExtractCfg, ModelCfg
 from saelab.core.errors import SaelabError
 from saelab.activations.extract import (ActivationSource, extract_store, pack_rows,
-                                        stream_activations, token_rows)
+                                        special_token_ids, stream_activations, token_rows)
 from saelab.activations.hooks import HOOK_POINTS, capture
 from saelab.activations.store import ActivationStore, sha256_file
 from saelab.data.tokenizer import BOS_ID, EOS_ID, load_llama3_tokenizer
@@ -87,10 +87,17 @@ def _width(model, hook):
     return model.config.intermediate_size if hook == "mlp_act" else model.config.hidden_size
 
 
-def test_stream_drops_specials_and_indexes_rows(model, rows):
+def test_llama3_specials_are_the_top_256_ids(tok):
+    """The tokenizer-derived exclusion is exactly the range the store always excluded, so
+    tiny-profile stores keep their bytes."""
+    assert special_token_ids(tok) == frozenset(range(BOS_ID, 128256))
+
+
+def test_stream_drops_specials_and_indexes_rows(model, tok, rows):
     ref = _full_forward_capture(model, rows, 8, "mlp_out")
     out = list(stream_activations(model, iter(rows), layer=8, hook="mlp_out", batch_tokens=96,
-                                  device="cpu", first_row=10))
+                                  device="cpu", exclude_ids=special_token_ids(tok),
+                                  first_row=10))
     assert len(out) == 3  # 96 tokens = 2 rows of 48 per forward
     ids = np.concatenate([b.token_ids for b in out])
     index = np.concatenate([b.index for b in out])
@@ -103,7 +110,7 @@ def test_stream_drops_specials_and_indexes_rows(model, rows):
 
 def test_missing_layer_or_hook_is_named(model):
     with pytest.raises(SaelabError, match=r"16 layers \(0\.\.15\)"):
-        ActivationSource(model, layer=16, hook="mlp_out", device="cpu")
+        ActivationSource(model, layer=16, hook="mlp_out", device="cpu", exclude_ids=())
     with pytest.raises(SaelabError, match="mlp_out, mlp_act, mlp_in, resid_post"):
         with capture(model, 8, "attn_out"):
             pass
@@ -139,7 +146,8 @@ def test_store_excludes_specials_and_keeps_large_ids(model, tok, tmp_path):
     assert m["excluded"]["eos"] == int((rows == EOS_ID).sum()) > 0
     assert m["excluded"]["outlier"] == 0 and m["norm"]["per_position_mean"][0] is None
     # the writer stores exactly what the source produced
-    ref = ActivationSource(model, layer=8, hook="mlp_out", device="cpu")(np.array(rows[:8]), 0)
+    ref = ActivationSource(model, layer=8, hook="mlp_out", device="cpu",
+                           exclude_ids=special_token_ids(tok))(np.array(rows[:8]), 0)
     assert torch.equal(store.activations_f32(0)[:len(ref.acts)], ref.acts)
 
 

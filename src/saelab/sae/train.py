@@ -495,7 +495,7 @@ def _run(params) -> None:
 
     # Held-out metrics are rank 0's to report: the other processes skip building them.
     heldout_rows = _heldout_rows(params, tokenizer) if have_model and rank == 0 else []
-    eval_batches = _eval_batches(params, model, store, heldout_rows, scale, device) \
+    eval_batches = _eval_batches(params, model, tokenizer, store, heldout_rows, scale, device) \
         if rank == 0 else None
     if rank == 0:
         log_params({"train.lr": lr, "train.n_tokens": n_tokens, "train.d_in": d_in,
@@ -514,7 +514,8 @@ def _run(params) -> None:
         if rank == 0:
             _report(params, result, lr=lr, lr_source=lr_source, n_tokens=n_tokens,
                     tokens_source=tokens_source, source=source, scale=scale, d_in=d_in,
-                    world=world, model=model, heldout_rows=heldout_rows, device=device)
+                    world=world, model=model, tokenizer=tokenizer, heldout_rows=heldout_rows,
+                    device=device)
             # Complete and exported: a later run with the same params starts clean.
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     finally:
@@ -524,7 +525,7 @@ def _run(params) -> None:
 
 
 def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_source, source,
-            scale, d_in, world, model, heldout_rows, device) -> None:
+            scale, d_in, world, model, tokenizer, heldout_rows, device) -> None:
     """Rank 0: LM metrics, export, metrics.json, curves.csv, MLflow."""
     import json
     import shutil
@@ -541,7 +542,8 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     if model is not None and heldout_rows:
         from .evals import lm_metrics
         metrics.update(lm_metrics(model, result.sae, _row_batches(heldout_rows, 8),
-                                  layer=ex.layer, hook=ex.hook, scale=scale, device=device))
+                                  layer=ex.layer, hook=ex.hook, scale=scale, device=device,
+                                  special_ids=(tokenizer.bos_token_id, tokenizer.eos_token_id)))
         set_tags({"lm_metrics_meaningful": metrics["lm_metrics_meaningful"]})
         if not metrics["lm_metrics_meaningful"]:
             log.warning("LM metrics are not meaningful here: %s", metrics["lm_metrics_note"])
@@ -589,17 +591,19 @@ def _row_batches(rows: list[np.ndarray], n: int) -> Iterator[torch.Tensor]:
         yield torch.from_numpy(np.stack(rows[i:i + n]).astype(np.int64))
 
 
-def _eval_batches(params, model, store, rows, scale: float, device) -> Iterator[torch.Tensor] | None:
+def _eval_batches(params, model, tokenizer, store, rows, scale: float, device,
+                  ) -> Iterator[torch.Tensor] | None:
     """Normalised held-out activations: from held-out documents through the model, or, with
     no model or held-out text, a sample of the store (tokens the SAE may have trained on)."""
-    from ..activations.extract import stream_activations
+    from ..activations.extract import special_token_ids, stream_activations
 
     ex, n = params.extract, params.sae.eval_tokens
     if n == 0:
         return None
     if model is not None and rows:
-        acts = [b.acts for b in stream_activations(model, rows, layer=ex.layer, hook=ex.hook,
-                                                   batch_tokens=ex.batch_tokens, device=device)]
+        acts = [b.acts for b in stream_activations(
+            model, rows, layer=ex.layer, hook=ex.hook, batch_tokens=ex.batch_tokens,
+            device=device, exclude_ids=special_token_ids(tokenizer))]
         x = torch.cat(acts)[:n].float() * scale
     elif store is not None:
         x = store.sample(n, seed=params.run.seed + 1)
@@ -625,11 +629,12 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
     """(d_in, scale, data fingerprint, batches factory) for training straight from the model."""
     from ..core import paths
     from ..data.corpus import iter_documents
-    from ..activations.extract import prefetch, stream_activations, token_rows
+    from ..activations.extract import prefetch, special_token_ids, stream_activations, token_rows
     from ..activations.hooks import hook_dim
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
     d_in = hook_dim(model.config, ex.hook)
+    specials = special_token_ids(tokenizer)
     if cfg.shuffle_buffer < cfg.batch_size // world:
         raise SaelabError(f"sae.shuffle_buffer = {cfg.shuffle_buffer} is smaller than one batch "
                           f"({cfg.batch_size // world} per process); raise it (>= 1M is advised)")
@@ -642,7 +647,8 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
 
     def acts(my_share: bool) -> Iterator[torch.Tensor]:
         for b in stream_activations(model, rows(my_share), layer=ex.layer, hook=ex.hook,
-                                    batch_tokens=ex.batch_tokens, device=device):
+                                    batch_tokens=ex.batch_tokens, device=device,
+                                    exclude_ids=specials):
             yield b.acts
 
     same_site = store is not None and (store.manifest.get("layer"), store.manifest.get("hook")) \
