@@ -8,7 +8,8 @@ import pytest
 
 from saelab.data import corpus
 from saelab.core.config import parse_params
-from saelab.data.corpus import fetch_corpus, is_heldout, iter_documents, read_manifest
+from saelab.data.corpus import (fetch_corpus, group_key, heldout_groups, iter_documents,
+                                read_manifest)
 from saelab.core.errors import SaelabError
 
 
@@ -92,14 +93,94 @@ def test_heldout_split_is_deterministic_disjoint_and_order_free(tmp_path):
     held = {i for i, _ in _all(tmp_path / "c1", "heldout")}
     assert train.isdisjoint(held) and train | held == {d["id"] for d in docs}
     assert held == set(m1["heldout"]["doc_ids"])
-    assert held == {d["id"] for d in docs if is_heldout(d["id"], 0.25)}
-    assert 10 < len(held) < 50
+    # Without a url or source, each document is its own group; one document each: exact.
+    chosen = heldout_groups({f"doc:{d['id']}": 1 for d in docs}, 0.25)
+    assert held == {g.removeprefix("doc:") for g in chosen} and len(held) == 30
+    assert m1["heldout"]["n_groups"] == 30 and m1["heldout"]["groups_total"] == 120
     assert set(m2["heldout"]["doc_ids"]) == held  # membership depends on the id, not the order
     assert len(m1["shards"]["train"]) == -(-len(train) // 16)
     # Reading back is deterministic and in written order.
     assert _all(tmp_path / "c1", "train") == _all(tmp_path / "c1", "train")
     assert [i for i, _ in _all(tmp_path / "c1", "train")] == [
         d["id"] for d in docs if d["id"] in train]
+
+
+def _split_groups(out, split):
+    m = read_manifest(out)
+    return [g for name in m["shards"][split] for g in pq.read_table(out / name)["group"].to_pylist()]
+
+
+def test_sample_holds_out_whole_novels(tmp_path, repo_root):
+    sample = repo_root / "data/sample/spanish_novels_cligs.jsonl"
+    m = fetch_corpus(_params(source="sample", sample_path=str(sample)), tmp_path / "c")
+    # The novel of a chunk, from its id (ne0174-0000: novel ne0174), not from group_key.
+    novel = lambda doc_id: doc_id.split("-")[0]  # noqa: E731
+    train = {novel(i) for i, _ in _all(tmp_path / "c", "train")}
+    held = {novel(i) for i, _ in _all(tmp_path / "c", "heldout")}
+    assert len(train | held) == 13 and held and train.isdisjoint(held)  # 13/13 leaked before
+    assert set(_split_groups(tmp_path / "c", "train")).isdisjoint(
+        _split_groups(tmp_path / "c", "heldout"))
+    h = m["heldout"]
+    assert h["groups_total"] == 13 and h["n_groups"] == len(h["groups"]) == len(held)
+    assert all(g.startswith("work:es_") for g in h["groups"])
+    assert {g.removesuffix(".txt").rsplit("-", 1)[1] for g in h["groups"]} == held
+    # About data.heldout_fraction = 0.05 of the documents: one whole novel is 3-16 %.
+    assert 0.02 < m["docs"]["heldout"] / sum(m["docs"].values()) < 0.2
+
+
+def test_web_documents_are_grouped_by_site():
+    assert group_key("a", {"url": "https://www.Example.es/x?q=1"}) == "domain:example.es"
+    assert group_key("a", {"metadata": {"url": "http://blog.ejemplo.org/p"}}) == \
+        "domain:blog.ejemplo.org"
+    assert group_key("a", {"url": "https://ejemplo.org", "source": "cc"}) == "domain:ejemplo.org"
+    assert group_key("a", {"source": "es_Galdos_Tristana-ne0001.txt"}) == \
+        "work:es_Galdos_Tristana-ne0001.txt"
+    assert group_key("a", {"url": "", "metadata": "{}"}) == "doc:a"
+
+
+def test_heldout_takes_whole_sites_and_keeps_one_for_training(tmp_path):
+    sites = [f"site{k}.es" for k in range(10)]
+    docs = [{"id": f"d{i}", "url": f"https://{sites[i % 10]}/p{i}", "text": d["text"]}
+            for i, d in enumerate(_docs(200))]
+    _write_jsonl(tmp_path / "in" / "a.jsonl", docs)
+    m = fetch_corpus(_local(tmp_path, heldout_fraction=0.25), tmp_path / "c")
+    site = {d["id"]: d["url"].split("/")[2] for d in docs}
+    train = {site[i] for i, _ in _all(tmp_path / "c", "train")}
+    held = {site[i] for i, _ in _all(tmp_path / "c", "heldout")}
+    assert train.isdisjoint(held) and len(train | held) == 10
+    assert len(held) == 3 and m["docs"]["heldout"] == 60  # 20 each: the first 3 reach 25 %
+    # Even a fraction that would take every group leaves one to train on, and a tiny one
+    # still holds one out.
+    assert len(heldout_groups({s: 20 for s in sites}, 0.5)) == 5
+    assert len(heldout_groups({"a": 1, "b": 1}, 0.5)) == 1
+    assert len(heldout_groups({s: 20 for s in sites}, 0.001)) == 1
+    assert heldout_groups({s: 20 for s in sites}, 0.0) == []
+
+
+def test_one_work_cannot_be_split_by_work(tmp_path):
+    docs = [{"id": f"ne0001-{i:04d}", "source": "es_Galdos_Tristana-ne0001.txt", "text": d["text"]}
+            for i, d in enumerate(_docs(10))]
+    _write_jsonl(tmp_path / "in" / "a.jsonl", docs)
+    with pytest.raises(SaelabError, match=r"data.heldout_fraction = 0.05 needs two source works"
+                                          r".*work:es_Galdos.*heldout_fraction = 0"):
+        fetch_corpus(_local(tmp_path), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    m = fetch_corpus(_local(tmp_path, heldout_fraction=0.0), tmp_path / "c")
+    assert m["docs"] == {"train": 10, "heldout": 0}
+
+
+def test_seeded_order_is_a_permutation_of_the_whole_split(tmp_path):
+    _write_jsonl(tmp_path / "in" / "a.jsonl", _docs(300))
+    fetch_corpus(_local(tmp_path, heldout_fraction=0.0, shard_docs=64), tmp_path / "c")
+    in_file_order = _all(tmp_path / "c", "train")
+    a = list(iter_documents(tmp_path / "c", "train", seed=0))
+    assert a == list(iter_documents(tmp_path / "c", "train", seed=0))
+    assert sorted(a) == sorted(in_file_order) and a != in_file_order
+    assert a != list(iter_documents(tmp_path / "c", "train", seed=1))
+    # The first tenth already reaches into every fifth of the file (5 shards of 64).
+    position = {doc_id: k for k, (doc_id, _) in enumerate(in_file_order)}
+    assert {position[doc_id] * 5 // 300 for doc_id, _ in a[:30]} == set(range(5))
+    assert list(iter_documents(tmp_path / "c", "heldout", seed=0)) == []
 
 
 def test_token_budget_and_max_docs_stop_reading_early(tmp_path):

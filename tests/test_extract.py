@@ -274,13 +274,13 @@ def test_corpus_too_small(model, tok, tmp_path):
 def test_run_extract_wires_model_corpus_and_store(tmp_path):
     from saelab.data.base_model import fetch_model
     from saelab.core.config import parse_params
-    from saelab.data.corpus import fetch_corpus
+    from saelab.data.corpus import fetch_corpus, iter_documents
     from saelab.activations.extract import run_extract
 
-    params = parse_params({
-        "run": {"device": "cpu"}, "data": {"sample_path": str(SAMPLE), "max_docs": 12},
-        "extract": {"context_len": 64, "n_tokens": 3000, "batch_tokens": 512,
-                    "shard_tokens": 1024}})
+    # 150 records span three novels of the sample: one is held out, two are trained on.
+    data = {"sample_path": str(SAMPLE), "max_docs": 150}
+    extract = {"context_len": 64, "n_tokens": 3000, "batch_tokens": 512, "shard_tokens": 1024}
+    params = parse_params({"run": {"device": "cpu"}, "data": data, "extract": extract})
     fetch_model(params, tmp_path / "base", tmp_path / "base.json")
     fetch_corpus(params, tmp_path / "corpus")
     dirs = dict(model_dir=tmp_path / "base", model_json=tmp_path / "base.json",
@@ -289,6 +289,22 @@ def test_run_extract_wires_model_corpus_and_store(tmp_path):
     assert (m["model"], m["revision"], m["layer"], m["hook"], m["d"]) == (
         "tiny-llama-16L-64d", "random-seed-0", 8, "mlp_out", 64)
     assert ActivationStore(tmp_path / "acts").verify() == []
+    assert m["corpus"]["doc_order"]["seed"] == 0
+
+    # Rows start at the first document of the seeded order, not of the file.
+    tok = load_llama3_tokenizer()
+    first_row = ActivationStore(tmp_path / "acts").rows()[0]
+    in_file = [t for _, t in iter_documents(tmp_path / "corpus", "train")]
+    seeded = [t for _, t in iter_documents(tmp_path / "corpus", "train", seed=0)]
+    assert seeded[0] != in_file[0]
+    assert list(first_row[1:]) == tok(seeded[0], add_special_tokens=False)["input_ids"][:63]
+
+    # Another seed is another store: it replaces this one rather than resuming it.
+    other = parse_params({"run": {"device": "cpu", "seed": 1}, "data": data, "extract": extract})
+    m1 = run_extract(other, out_dir=tmp_path / "acts", **dirs)
+    assert m1["fingerprint"] != m["fingerprint"] and m1["resumed_shards"] == 0
+    assert not np.array_equal(ActivationStore(tmp_path / "acts").rows()[0], first_row)
+
     with pytest.raises(SaelabError, match="data.token_budget.*extract.n_tokens"):
         run_extract(parse_params({"run": {"device": "cpu"},
                                   "extract": {"context_len": 64, "n_tokens": 200_000,

@@ -10,6 +10,12 @@ Text -> token rows -> truncated forward -> vectors, in three reusable pieces:
   both the store writer here and the trainer's streaming mode.
 - `extract_store` runs the producer on a GPU (or every CPU core) while a writer thread
   hashes and writes shards (`store.StoreWriter`), so the device never waits for the disk.
+
+`run_extract` reads the training documents in a seeded random order of the whole split
+(`iter_documents(..., seed=run.seed)`), so a store smaller than the corpus samples every
+part of it rather than its first part in file order. Documents stay whole and rows are
+packed as above; the order is fixed by the seed, so a resumed run sees the same rows, and
+the seed is part of the store's fingerprint (another seed never resumes this store).
 """
 from __future__ import annotations
 
@@ -378,7 +384,7 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
                 model_json: Path = paths.MODEL_JSON) -> dict[str, Any]:
     """The `extract_mlp8` stage body: model + corpus in, store out; returns the manifest."""
     from ..data.base_model import load_model
-    from ..data.corpus import iter_documents, read_manifest
+    from ..data.corpus import DOC_ORDER_RULE, iter_documents, read_manifest
     from ..core.runtime import compute_dtype, resolve_device
 
     corpus = read_manifest(corpus_dir)
@@ -393,10 +399,12 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype,
                                   attn_implementation=params.extract.attn_implementation)
     info = json.loads(Path(model_json).read_text()) if Path(model_json).is_file() else {}
+    seed = params.run.seed
     corpus_id = {"dir": Path(corpus_dir).as_posix(), "source": corpus.get("source"),
                  "manifest_sha256": hashlib.sha256(
-                     (Path(corpus_dir) / "manifest.json").read_bytes()).hexdigest()}
-    texts = (text for _, text in iter_documents(corpus_dir, split="train"))
+                     (Path(corpus_dir) / "manifest.json").read_bytes()).hexdigest(),
+                 "doc_order": {"seed": seed, "rule": DOC_ORDER_RULE}}
+    texts = (text for _, text in iter_documents(corpus_dir, split="train", seed=seed))
     return extract_store(model, tokenizer, texts, params.extract, out_dir, device=device,
                          inputs={"model": info or model.config.to_dict(), "corpus": corpus_id},
                          meta={"model": info.get("name", params.model.name),

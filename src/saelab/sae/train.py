@@ -581,6 +581,7 @@ def _heldout_rows(params, tokenizer) -> list[np.ndarray]:
 
     if not (paths.CORPUS_DIR / "manifest.json").is_file() or params.sae.eval_tokens == 0:
         return []
+    # File order, not the seeded one: the evaluation set stays the same whatever run.seed.
     texts = (text for _, text in iter_documents(paths.CORPUS_DIR, split="heldout"))
     n_rows = -(-params.sae.eval_tokens // params.extract.context_len)
     return list(itertools.islice(token_rows(tokenizer, texts, params.extract.context_len), n_rows))
@@ -628,7 +629,7 @@ def stream_scale(acts: Iterator[torch.Tensor], n_vectors: int = 65_536) -> float
 def _stream_source(params, model, tokenizer, store, device, rank: int, world: int):
     """(d_in, scale, data fingerprint, batches factory) for training straight from the model."""
     from ..core import paths
-    from ..data.corpus import iter_documents
+    from ..data.corpus import DOC_ORDER_RULE, iter_documents
     from ..activations.extract import prefetch, special_token_ids, stream_activations, token_rows
     from ..activations.hooks import hook_dim
 
@@ -640,8 +641,11 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
                           f"({cfg.batch_size // world} per process); raise it (>= 1M is advised)")
 
     def rows(my_share: bool) -> Iterator[np.ndarray]:
-        # Tokenizing runs in a background thread, overlapping the forward passes.
-        texts = (text for _, text in iter_documents(paths.CORPUS_DIR, split="train"))
+        # Tokenizing runs in a background thread, overlapping the forward passes. The
+        # documents come in extraction's seeded order (the same on every rank), so a run
+        # shorter than one pass still draws from every part of the corpus.
+        texts = (text for _, text in iter_documents(paths.CORPUS_DIR, split="train",
+                                                    seed=seed))
         it = token_rows(tokenizer, texts, ex.context_len)
         return prefetch(itertools.islice(it, rank, None, world) if my_share else it)
 
@@ -657,7 +661,8 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
     scale = store.scale if same_site else stream_scale(acts(False))
     data_fp = checkpoint.fingerprint({"stream": True, "corpus": atomic.read_json(
         paths.CORPUS_DIR / "manifest.json"), "model": atomic.read_json(paths.MODEL_JSON),
-        "extract": dataclasses.asdict(ex), "scale": scale})
+        "extract": dataclasses.asdict(ex), "scale": scale,
+        "doc_order": {"seed": seed, "rule": DOC_ORDER_RULE}})
 
     def make_batches(start: int) -> Iterator[torch.Tensor]:
         # Resuming regenerates (and drops) the batches already trained on: no disk involved.
