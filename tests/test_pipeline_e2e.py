@@ -1,6 +1,8 @@
-"""The whole pipeline on the tiny profile, as a user runs it: a fresh git repo, `dvc repro`,
-then a `dvc exp run --queue` sweep. Slow (minutes); part of `make test`."""
+"""The whole pipeline as a user runs it: a fresh git repo, `dvc repro` on the tiny profile,
+then a `dvc exp run --queue` sweep; and `dvc exp run -S profile=smollm2-135m` on the real
+model at small token counts. Slow (minutes); part of `make test`."""
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -32,10 +34,8 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedPro
     return out
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    """A copy of the working tree (tracked + untracked, not ignored) in a new git repo, reproduced."""
-    dst = tmp_path_factory.mktemp("e2e") / "repo"
+def _repo_copy(dst: Path) -> Path:
+    """A copy of the working tree (tracked + untracked, not ignored) in a new git repo."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
     for rel in filter(None, files):
@@ -46,6 +46,13 @@ def pipeline(tmp_path_factory) -> Path:
     sh(["git", "init", "-q", "-b", "main"], dst)
     sh(["git", "add", "-A"], dst)
     sh(["git", "commit", "-qm", "init"], dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """The tiny profile, reproduced in a fresh copy."""
+    dst = _repo_copy(tmp_path_factory.mktemp("e2e") / "repo")
     out = sh(["dvc", "repro"], dst)
     (dst / "repro.log").write_text(out.stdout + out.stderr)
     return dst
@@ -123,3 +130,36 @@ def test_secrets_never_written(pipeline):
             blob = path.read_bytes()
             for name, secret in SECRETS.items():
                 assert secret.encode() not in blob, f"{name} leaked into {path}"
+
+
+# The real model at small token counts: minutes on two cores, every number from a real LM.
+REAL_SMALL = ["profile=smollm2-135m", "extract.n_tokens=16384", "extract.shard_tokens=8192",
+              "sae.d_sae=1152", "sae.n_tokens=32768", "sae.lr_warmup_steps=5",
+              "sae.l0_warmup_steps=10", "sae.eval_tokens=1024", "scaling.n_tokens=4096",
+              "scaling.d_sae_grid=[288,576,1152,2304]", "scaling.lr_grid=[3.0e-3,1.0e-2,3.0e-2]",
+              "scaling.seeds=1", "interpret.n_latents=4"]
+
+
+@pytest.fixture(scope="module")
+def real_pipeline(tmp_path_factory) -> Path:
+    dst = _repo_copy(tmp_path_factory.mktemp("e2e_real") / "repo")
+    sh(["dvc", "exp", "run", *(a for o in REAL_SMALL for a in ("-S", o))], dst, timeout=1800)
+    return dst
+
+
+def test_real_model_pipeline_measures_a_language_model(real_pipeline):
+    base = json.loads((real_pipeline / "models/base.json").read_text())
+    assert base["source"] == "gguf" and len(base["sha256"]) == 64
+    assert base["config"]["num_hidden_layers"] == 30 and base["config"]["vocab_size"] == 49152
+    act = json.loads((real_pipeline / "data/activations/manifest.json").read_text())
+    assert act["layer"] == 15 and act["d"] == 576 and act["n_tokens"] == 16384
+    m = json.loads((real_pipeline / "reports/train/metrics.json").read_text())
+    # A pretrained LM: clean CE far below uniform guessing (ln 49152 = 10.8 nats), and
+    # zero-ablating its middle MLP costs real loss (a random model moves by ~5e-4).
+    assert m["lm_metrics_meaningful"] is True
+    assert m["ce_clean"] < 0.6 * math.log(49152)
+    assert m["ce_zero_ablation"] - m["ce_clean"] > 0.02
+    lo, hi = m["delta_lm_loss_ci95"]
+    assert lo <= m["delta_lm_loss"] <= hi
+    assert 0 < m["fvu"] < 1 and m["l0"] > 0
+    assert (real_pipeline / "reports/interpret/index.html").is_file()
