@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core import paths
-from ..core.atomic import write_text
+from ..core.atomic import sweep_dead_writers, write_text
 from ..core.config import InterpretCfg
 from ..core.errors import SaelabError
 from ..core.tracking import log_artifact, log_metrics, repo_root
@@ -220,6 +220,9 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
                           f"choose from {list(SCORERS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A run killed mid-write leaves its temp files (requests.jsonl, a page, the metrics) behind.
+    sweep_dead_writers(out_dir)
+    sweep_dead_writers(Path(metrics_path).parent, f".{Path(metrics_path).name}.*.tmp")
     cache = ResponseCache(_cache_dir(cfg.cache_dir))
     counter = counter or token_counter(cfg.model)
     discount = cfg.batch_discount if cfg.backend == "openai-batch" else 0.0
