@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..core import atomic
+from ..core.atomic import sha256_file
 from ..core import paths
 from ..core.errors import SaelabError
 
@@ -52,19 +53,10 @@ STORE_DTYPES = {"float32": (np.dtype(np.float32), torch.float32),
                 "bfloat16": (np.dtype(np.uint16), torch.bfloat16)}
 PERCENTILES = (0.0, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.9, 100.0)
 _STORE_FILE = re.compile(r"^(shard-\d{5}\.\w+\.npy|rows\.npy|manifest(\.partial)?\.json)(\.tmp)?$")
-_CHUNK = 16 << 20
 
 
 def shard_name(k: int, kind: str) -> str:
     return f"shard-{k:05d}.{kind}.npy"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_problem(path: Path, entry: dict[str, Any], source: str = "the manifest") -> str | None:

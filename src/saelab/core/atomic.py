@@ -1,7 +1,9 @@
-"""Write-then-rename: a killed process or a full disk leaves the old file or the new, never half."""
+"""Write-then-rename: a killed process or a full disk leaves the old file or the new, never half.
+Also the readers that go with it: torn-safe JSON, a file's sha256."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -34,6 +36,14 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def sha256_file(path: str | Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | Path) -> Any | None:

@@ -146,7 +146,7 @@ def _fill(params: Params, out_dir: Path, token: str | None,
     if token:
         return _download(cfg, token, out_dir), cfg.hf_repo, {}
     if gguf:
-        sha = model_sources.sha256_file(gguf.path)
+        sha = atomic.sha256_file(gguf.path)
         log.info("dequantising %s (%s) into %s", gguf.path, gguf.file_type, out_dir)
         model_sources.convert_gguf(gguf.path, out_dir)
         origin = gguf.path.as_posix()

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.atomic import sha256_file
 from ..core.config import ModelCfg
 from ..core.errors import SaelabError
 
@@ -27,14 +28,6 @@ LOCAL_FILES = ("*.json", "*.safetensors", "*.bin", "tokenizer*", "vocab*", "merg
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 # Every later stage loads models/base/ as a LlamaForCausalLM and hooks model.layers[i].mlp.
 LLAMA = "llama"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -25,10 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core import atomic
-from ..core.atomic import atomic_path
+from ..core.atomic import atomic_path, sha256_file
 from ..core.config import SAECfg
 from ..core.errors import SaelabError
-from ..activations.store import sha256_file
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
