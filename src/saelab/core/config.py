@@ -11,6 +11,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Optional
 
@@ -257,12 +258,59 @@ class BudgetCfg:
 
 
 @dataclass(frozen=True)
+class LLMSpec:
+    """One explainer/scorer model of `interpret.models`: what it costs and what it accepts.
+
+    Prices are USD per 1M tokens as published by the provider; `batch_discount` is the
+    Batch API's cut (0.5 = half price); `shutdown` the announced retirement date
+    (YYYY-MM-DD, "" when none is announced).
+    """
+    input: float = rng(0.0, 0.0)
+    cached_input: float = rng(0.0, 0.0)
+    output: float = rng(0.0, 0.0)
+    batch_discount: float = rng(0.5, 0.0, 1.0)
+    # Accepts `reasoning_effort` (and so `max_completion_tokens` instead of `max_tokens`).
+    reasoning: bool = False
+    # Returns token logprobs, which give the scorers an AUC besides balanced accuracy.
+    logprobs: bool = True
+    shutdown: str = ""
+
+    def __post_init__(self):
+        if self.shutdown:
+            try:
+                date.fromisoformat(self.shutdown)
+            except ValueError:
+                raise ConfigError(f"shutdown = {self.shutdown!r} is not a YYYY-MM-DD date") from None
+
+
+def _default_models() -> dict[str, LLMSpec]:
+    # OpenAI's price list and deprecations page as of 2026-11 (conf/config.yaml holds the
+    # same table; edit both when prices change).
+    return {
+        "gpt-6-luna": LLMSpec(0.10, 0.01, 0.50, 0.5, reasoning=True, logprobs=False),
+        "gpt-4o": LLMSpec(2.50, 1.25, 10.0, 0.5, shutdown="2027-01-14"),
+        "gpt-4o-mini": LLMSpec(0.15, 0.075, 0.60, 0.5, shutdown="2027-01-14"),
+        "gpt-4.1": LLMSpec(2.00, 0.50, 8.00, 0.5, shutdown="2027-01-14"),
+        "gpt-4.1-mini": LLMSpec(0.40, 0.10, 1.60, 0.5, shutdown="2027-01-14"),
+    }
+
+
+@dataclass(frozen=True)
 class InterpretCfg:
     backend: str = choice("none", "none", "openai", "openai-batch")
-    model: str = "gpt-4o"
+    # A key of `models` (the OpenAI API), or any name a local server at base_url serves.
+    model: str = "gpt-6-luna"
+    # Sent to models that reason (models.<name>.reasoning); labelling needs none.
+    reasoning_effort: str = choice("none", "none", "minimal", "low", "medium", "high", "max")
+    models: dict[str, LLMSpec] = field(default_factory=_default_models)
+    # Language the explainer writes its explanation in; the texts are always Spanish.
+    explanation_language: str = choice("en", "en", "es")
+    # Detection balanced accuracy below this marks an explanation that does not transfer
+    # to held-out windows; the report lists those latents.
+    min_detection: float = rng(0.6, 0.0, 1.0)
     base_url: str = ""
     n_latents: int = rng(32, 1)
-    latent_selection: str = choice("top_density", "top_density", "random", "first")
+    latent_selection: str = choice("random", "random", "top_density", "first")
     window: int = rng(32, 4)
     n_top: int = rng(20, 1)
     n_quantiles: int = rng(10, 1)
@@ -280,9 +328,6 @@ class InterpretCfg:
     timeout_s: float = rng(60.0, 0.0, lo_open=True)
     poll_s: float = rng(30.0, 0.0, lo_open=True)
     max_usd: float = rng(5.0, 0.0)
-    price_in_per_mtok: float = rng(2.5, 0.0)
-    price_out_per_mtok: float = rng(10.0, 0.0)
-    batch_discount: float = rng(0.5, 0.0, 1.0)
     cache_dir: str = ".cache/interpret"
     # Tokens marked << >> in a window: those firing at >= this fraction of its peak.
     highlight_frac: float = rng(0.3, 0.0, 1.0)
@@ -343,6 +388,10 @@ def _coerce(key: str, tp, value):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")

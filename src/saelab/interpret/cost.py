@@ -71,9 +71,14 @@ class Prices:
     in_per_mtok: float
     out_per_mtok: float
     discount: float = 0.0  # the Batch API's price cut, 0.5 = half price
+    # Input tokens the provider served from its prompt cache (reported in `usage`).
+    cached_in_per_mtok: float | None = None
 
-    def usd(self, input_tokens: int, output_tokens: int) -> float:
-        full = (input_tokens * self.in_per_mtok + output_tokens * self.out_per_mtok) / 1e6
+    def usd(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        cached_price = self.in_per_mtok if self.cached_in_per_mtok is None else self.cached_in_per_mtok
+        cached = min(cached_tokens, input_tokens)
+        full = ((input_tokens - cached) * self.in_per_mtok + cached * cached_price
+                + output_tokens * self.out_per_mtok) / 1e6
         return full * (1.0 - self.discount)
 
 
@@ -102,14 +107,17 @@ def estimate(requests: Iterable[Request], counter: TokenCounter, prices: Prices)
         n += 1
         tin += _PER_REPLY + sum(_PER_MESSAGE + counter.count(m["content"])
                                 for m in r.body["messages"])
-        tout += int(r.body.get("max_tokens", 0)) * int(r.body.get("n", 1))
+        limit = r.body.get("max_completion_tokens", r.body.get("max_tokens", 0))
+        tout += int(limit) * int(r.body.get("n", 1))
     return Estimate(n, tin, tout, prices.usd(tin, tout), counter.method)
 
 
 def usage_usd(response: dict[str, Any], prices: Prices) -> float:
     usage = response.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
     return prices.usd(int(usage.get("prompt_tokens") or 0),
-                      int(usage.get("completion_tokens") or 0))
+                      int(usage.get("completion_tokens") or 0),
+                      int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0)
 
 
 class Budget:

@@ -25,6 +25,7 @@ from ..core.tracking import log_artifact, log_metrics, repo_root
 from .backends import BatchBackend, BatchState, SyncBackend, make_client, request_file_lines
 from .cache import Request, ResponseCache
 from .cost import Budget, Prices, TokenCounter, estimate, token_counter
+from .models import Explainer, explainer
 from .decode import activation_mask, highlight, render
 from .prompts import explain_body, parse_explanation
 from .report import write_report
@@ -39,17 +40,19 @@ log = logging.getLogger(__name__)
 STATE_FILE = paths.STATE_DIR / "interpret" / "batches.json"
 
 
-def _explain_request(s: LatentSamples, table: list[bytes], cfg: InterpretCfg) -> Request:
+def _explain_request(s: LatentSamples, table: list[bytes], cfg: InterpretCfg,
+                     llm: Explainer) -> Request:
     texts = [highlight(render(w.tokens, table), activation_mask(w.acts, cfg.highlight_frac))
              for w in s.explain]
     body = explain_body(cfg.model, texts, max_words=cfg.max_words,
                         chain_of_thought=cfg.chain_of_thought, n_completions=cfg.n_completions,
-                        temperature=cfg.temperature)
+                        temperature=cfg.temperature, language=cfg.explanation_language,
+                        reasoning_effort=llm.reasoning_effort)
     return Request.make(body, cfg.base_url)
 
 
 def _score_prompts(r: LatentResult, explanation: str, table: list[bytes], cfg: InterpretCfg,
-                   seed: int) -> list[ScorePrompt]:
+                   llm: Explainer, seed: int) -> list[ScorePrompt]:
     """Deterministic in (seed, latent, scorer), so a rerun builds the same, cached requests."""
     prompts = []
     for k, scorer in enumerate(cfg.scorers):
@@ -59,8 +62,9 @@ def _score_prompts(r: LatentResult, explanation: str, table: list[bytes], cfg: I
         else:
             items = fuzzing_items(r.samples, table, cfg.highlight_frac, rng)
         prompts += build_prompts(r.samples, scorer, explanation, items, model=cfg.model,
-                                 per_prompt=cfg.examples_per_prompt, logprobs=cfg.logprobs,
-                                 base_url=cfg.base_url, rng=rng)
+                                 per_prompt=cfg.examples_per_prompt, logprobs=llm.logprobs,
+                                 base_url=cfg.base_url, rng=rng,
+                                 reasoning_effort=llm.reasoning_effort)
     return prompts
 
 
@@ -92,12 +96,22 @@ def _uncached(requests: list[Request], cache: ResponseCache) -> list[Request]:
     return out
 
 
-def _summary(results: list[LatentResult], scorers: tuple[str, ...]) -> dict[str, Any]:
+def failed_detection(results: list[LatentResult], min_detection: float) -> list[int]:
+    """Latents whose explanation does not pick out their held-out windows (detection
+    balanced accuracy below `min_detection`): a label that does not transfer."""
+    return [r.latent for r in results
+            if (r.scores.get("detection") or {}).get("balanced_accuracy") is not None
+            and r.scores["detection"]["balanced_accuracy"] < min_detection]
+
+
+def _summary(results: list[LatentResult], cfg: InterpretCfg) -> dict[str, Any]:
+    scorers = cfg.scorers
     out: dict[str, Any] = {
         "n_latents": len(results),
         "n_skipped": sum(bool(r.samples.skipped) for r in results),
         "n_explained": sum(r.explanation is not None for r in results),
         "n_failed": sum(bool(r.error) for r in results),
+        "n_failed_detection": len(failed_detection(results, cfg.min_detection)),
     }
     for scorer in scorers:
         for metric in ("balanced_accuracy", "auc"):
@@ -149,8 +163,8 @@ class _Sender:
 
 
 def _plan(live: list[LatentResult], explain: dict[int, Request], table: list[bytes],
-          cfg: InterpretCfg, seed: int, cache: ResponseCache, counter: TokenCounter,
-          prices: Prices):
+          cfg: InterpretCfg, llm: Explainer, seed: int, cache: ResponseCache,
+          counter: TokenCounter, prices: Prices):
     """Cost of what is not cached: the explanations and the scoring they lead to (with a
     stand-in explanation of max_words words where the real one is not known yet)."""
     stand_in = " ".join(["palabra"] * cfg.max_words)
@@ -159,21 +173,21 @@ def _plan(live: list[LatentResult], explain: dict[int, Request], table: list[byt
         probe = LatentResult(r.samples)
         _parse(probe, cache.get(explain[r.latent].key), cfg.max_words)
         scoring += [p.request for p in
-                    _score_prompts(r, probe.explanation or stand_in, table, cfg, seed)]
+                    _score_prompts(r, probe.explanation or stand_in, table, cfg, llm, seed)]
     return (estimate(_uncached(list(explain.values()), cache), counter, prices)
             + estimate(_uncached(scoring, cache), counter, prices))
 
 
 def _explain_and_score(live: list[LatentResult], explain: dict[int, Request],
-                       table: list[bytes], cfg: InterpretCfg, seed: int, sender: _Sender,
-                       cache: ResponseCache) -> list[Request]:
+                       table: list[bytes], cfg: InterpretCfg, llm: Explainer, seed: int,
+                       sender: _Sender, cache: ResponseCache) -> list[Request]:
     """Fill in explanations and scores; returns the scoring requests."""
     sender.send(_uncached(list(explain.values()), cache), "explanations")
     for r in live:
         _parse(r, cache.get(explain[r.latent].key), cfg.max_words)
         if r.explanation is None and not r.error:
             r.error = "no answer from the API"
-    prompts = {r.latent: _score_prompts(r, r.explanation, table, cfg, seed)
+    prompts = {r.latent: _score_prompts(r, r.explanation, table, cfg, llm, seed)
                for r in live if r.explanation}
     requests = [p.request for ps in prompts.values() for p in ps]
     sender.send(_uncached(requests, cache), "scoring")
@@ -189,9 +203,15 @@ def _explain_and_score(live: list[LatentResult], explain: dict[int, Request],
 
 
 def _write_outputs(results: list[LatentResult], table: list[bytes], cfg: InterpretCfg,
-                   cost: dict[str, Any], out_dir: Path, metrics_path: Path) -> dict[str, Any]:
-    summary = _summary(results, cfg.scorers)
-    metrics = {"backend": cfg.backend, "model": cfg.model, "summary": summary, "cost": cost,
+                   llm: Explainer, cost: dict[str, Any], out_dir: Path,
+                   metrics_path: Path) -> dict[str, Any]:
+    summary = _summary(results, cfg)
+    metrics = {"backend": cfg.backend, "model": cfg.model,
+               "reasoning_effort": llm.reasoning_effort,
+               "explanation_language": cfg.explanation_language,
+               "auc_note": llm.auc_note or None,
+               "failed_detection": failed_detection(results, cfg.min_detection),
+               "summary": summary, "cost": cost,
                "latents": {str(r.latent): _latent_metrics(r) for r in results}}
     write_text(out_dir / "explanations.json", json.dumps(
         [{"latent": r.latent, "explanation": r.explanation, "completions": r.completions,
@@ -199,7 +219,8 @@ def _write_outputs(results: list[LatentResult], table: list[bytes], cfg: Interpr
          for r in results], indent=1, ensure_ascii=False))
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     write_text(metrics_path, json.dumps(metrics, indent=1, ensure_ascii=False))
-    write_report(out_dir, results, table, cfg, summary, cost)
+    write_report(out_dir, results, table, cfg, summary, cost, llm,
+                 failed_detection(results, cfg.min_detection))
     log_metrics({"interpret": summary, "cost": cost})
     for r in results:  # per-latent scores as MLflow series over the latent id
         log_metrics({f"latent.{scorer}": sc for scorer, sc in r.scores.items()}, step=r.latent)
@@ -223,30 +244,32 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
     # A run killed mid-write leaves its temp files (requests.jsonl, a page, the metrics) behind.
     sweep_dead_writers(out_dir)
     sweep_dead_writers(Path(metrics_path).parent, f".{Path(metrics_path).name}.*.tmp")
+    llm = explainer(cfg)
+    if llm.auc_note:
+        log.info("%s", llm.auc_note)
     cache = ResponseCache(_cache_dir(cfg.cache_dir))
     counter = counter or token_counter(cfg.model)
-    discount = cfg.batch_discount if cfg.backend == "openai-batch" else 0.0
-    prices = Prices(cfg.price_in_per_mtok, cfg.price_out_per_mtok, discount)
+    prices = llm.prices(batch=cfg.backend == "openai-batch")
     results = [LatentResult(s) for s in samples]
     live = [r for r in results if not r.samples.skipped]
     for r in results:
         if r.samples.skipped:
             log.info("latent %d skipped: %s", r.latent, r.samples.skipped)
 
-    explain = {r.latent: _explain_request(r.samples, table, cfg) for r in live}
+    explain = {r.latent: _explain_request(r.samples, table, cfg, llm) for r in live}
     request_file = out_dir / "requests.jsonl"
     write_text(request_file, request_file_lines(explain.values()))
-    plan = _plan(live, explain, table, cfg, seed, cache, counter, prices)
+    plan = _plan(live, explain, table, cfg, llm, seed, cache, counter, prices)
     cost: dict[str, Any] = {
         "token_count_method": plan.method, "token_count_exact": counter.exact,
         "estimated_input_tokens": plan.input_tokens,
         "estimated_output_tokens_max": plan.output_tokens,
-        "estimated_usd": plan.usd, "batch_discount_applied": discount,
+        "estimated_usd": plan.usd, "batch_discount_applied": prices.discount,
+        "model_priced": llm.listed,
         "max_usd": cfg.max_usd, "requests_planned": plan.n_requests,
     }
     if cfg.backend == "none":
-        batch_usd = Prices(prices.in_per_mtok, prices.out_per_mtok, cfg.batch_discount).usd(
-            plan.input_tokens, plan.output_tokens)
+        batch_usd = llm.prices(batch=True).usd(plan.input_tokens, plan.output_tokens)
         cost["estimated_usd_batch"] = batch_usd
         log.info("backend none: NO explanations were requested. %d ready-to-send explainer "
                  "requests are in %s (Batch API format). Estimated cost of explaining and "
@@ -258,7 +281,7 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
         budget = Budget(cfg.max_usd, prices)
         budget.check(plan, "this run")
         sender = _Sender(cfg, cache, budget, counter, sleep)
-        scoring = _explain_and_score(live, explain, table, cfg, seed, sender, cache)
+        scoring = _explain_and_score(live, explain, table, cfg, llm, seed, sender, cache)
         write_text(request_file, request_file_lines(list(explain.values()) + scoring))
         cost.update(spent_usd=budget.spent, requests_sent=sender.sent)
-    return _write_outputs(results, table, cfg, cost, out_dir, Path(metrics_path))
+    return _write_outputs(results, table, cfg, llm, cost, out_dir, Path(metrics_path))

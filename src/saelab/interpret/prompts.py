@@ -28,7 +28,14 @@ tokens the neuron fires on are marked as <<token>>, and say what the neuron look
 - Consider the marked tokens first, then the context just before them.
 - Your explanation completes the sentence "this neuron fires on" and has at most \
 {max_words} words.
+- {language}
 {answer_format}"""
+
+# The texts are Spanish either way; only the explanation's language changes.
+LANGUAGES = {
+    "en": "Write the explanation in English.",
+    "es": "Write the explanation in Spanish (en español).",
+}
 
 ANSWER_DIRECT = 'Reply with exactly one line: "Explanation: <your explanation>".'
 ANSWER_COT = ('First think step by step about what the marked tokens have in common. Then '
@@ -54,21 +61,32 @@ def _example_lines(texts: Sequence[str]) -> str:
                      for i, t in enumerate(texts))
 
 
+def _limit(body: dict[str, Any], max_tokens: int, reasoning_effort: str | None) -> dict[str, Any]:
+    """Completion budget, and the effort for models that reason: those take
+    `max_completion_tokens` (OpenAI rejects `max_tokens` for them)."""
+    if reasoning_effort is None:
+        body["max_tokens"] = max_tokens
+    else:
+        body["reasoning_effort"] = reasoning_effort
+        body["max_completion_tokens"] = max_tokens
+    return body
+
+
 def explain_body(model: str, highlighted: Sequence[str], *, max_words: int,
-                 chain_of_thought: bool, n_completions: int,
-                 temperature: float) -> dict[str, Any]:
-    system = EXPLAIN_SYSTEM.format(max_words=max_words,
+                 chain_of_thought: bool, n_completions: int, temperature: float,
+                 language: str = "en", reasoning_effort: str | None = None) -> dict[str, Any]:
+    system = EXPLAIN_SYSTEM.format(max_words=max_words, language=LANGUAGES[language],
                                    answer_format=ANSWER_COT if chain_of_thought else ANSWER_DIRECT)
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "system", "content": system},
                      {"role": "user", "content": _example_lines(highlighted)}],
         "temperature": temperature,
-        "max_tokens": EXPLAIN_COT_MAX_TOKENS if chain_of_thought else EXPLAIN_MAX_TOKENS,
     }
     if n_completions > 1:
         body["n"] = n_completions
-    return body
+    return _limit(body, EXPLAIN_COT_MAX_TOKENS if chain_of_thought else EXPLAIN_MAX_TOKENS,
+                  reasoning_effort)
 
 
 _LABEL = re.compile(r"^[\s>*_#`-]*explanation[\s*_`]*:[\s*_`]*(.*)$", re.IGNORECASE)
@@ -122,7 +140,7 @@ def _schema(n: int) -> dict[str, Any]:
 
 
 def score_body(model: str, scorer: str, explanation: str, texts: Sequence[str], *,
-               logprobs: bool) -> dict[str, Any]:
+               logprobs: bool, reasoning_effort: str | None = None) -> dict[str, Any]:
     system = DETECTION_SYSTEM if scorer == "detection" else FUZZING_SYSTEM
     user = (f"Explanation: this neuron fires on {explanation}\n\n{_example_lines(texts)}\n\n"
             f"Answer with a JSON object giving true or false for example_1 .. "
@@ -132,9 +150,9 @@ def score_body(model: str, scorer: str, explanation: str, texts: Sequence[str], 
         "messages": [{"role": "system", "content": system},
                      {"role": "user", "content": user}],
         "temperature": 0.0,
-        "max_tokens": SCORE_MAX_TOKENS_BASE + SCORE_TOKENS_PER_EXAMPLE * len(texts),
         "response_format": _schema(len(texts)),
     }
+    _limit(body, SCORE_MAX_TOKENS_BASE + SCORE_TOKENS_PER_EXAMPLE * len(texts), reasoning_effort)
     if logprobs:
         body["logprobs"] = True
         body["top_logprobs"] = 5

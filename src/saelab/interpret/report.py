@@ -15,6 +15,7 @@ import numpy as np
 from ..core.config import InterpretCfg
 from ..core.plots import new_figure, save
 from .decode import char_values, render
+from .models import Explainer
 from .results import LatentResult
 from .sampling import Window
 
@@ -136,8 +137,28 @@ def _latent_page(r: LatentResult, table: list[bytes], cfg: InterpretCfg,
     return _page(f"latent {s.latent}", "\n".join(parts))
 
 
+def _setup(cfg: InterpretCfg, llm: Explainer, failed: list[int]) -> str:
+    """Who explained, in which language, what the scores can say, and which labels failed."""
+    effort = (f", reasoning effort {html.escape(llm.reasoning_effort)}"
+              if llm.reasoning_effort is not None else "")
+    priced = "" if llm.listed else " (not in interpret.models: priced at $0)"
+    lang = {"en": "English", "es": "Spanish"}[cfg.explanation_language]
+    parts = [f"<p>backend {html.escape(cfg.backend)}, model {html.escape(cfg.model)}{priced}"
+             f"{effort}. Explanations written in <b>{lang}</b> from Spanish texts; scored on "
+             "held-out Spanish windows the explainer never saw.</p>"]
+    if llm.auc_note:
+        parts.append(f"<p class=\"note\">{html.escape(llm.auc_note)}.</p>")
+    if failed:
+        links = ", ".join(f"<a href=\"{page_name(i)}\">{i}</a>" for i in failed)
+        parts.append(f"<p><b>{len(failed)} explanation(s) fail detection</b> (balanced "
+                     f"accuracy &lt; {cfg.min_detection:g} on held-out windows; the label does "
+                     f"not transfer): {links}</p>")
+    return "".join(parts)
+
+
 def write_report(out_dir: Path, results: list[LatentResult], table: list[bytes],
-                 cfg: InterpretCfg, summary: dict[str, Any], cost: dict[str, Any]) -> Path:
+                 cfg: InterpretCfg, summary: dict[str, Any], cost: dict[str, Any],
+                 llm: Explainer, failed: list[int]) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in results:
@@ -181,8 +202,8 @@ def write_report(out_dir: Path, results: list[LatentResult], table: list[bytes],
     stats = "".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td class=\"num\">"
                     f"{_num(v) if isinstance(v, float) else v}</td></tr>"
                     for k, v in summary.items())
-    body = (f"<h1>Latent explanations</h1>{notice}<p>backend {html.escape(cfg.backend)}, "
-            f"model {html.escape(cfg.model)}</p><table>{stats}</table>"
+    body = (f"<h1>Latent explanations</h1>{notice}{_setup(cfg, llm, failed)}"
+            f"<table>{stats}</table>"
             f"<p class=\"note\">{money}</p><table>{head}{''.join(rows)}</table>")
     index = out_dir / "index.html"
     index.write_text(_page("Latent explanations", body), encoding="utf-8")

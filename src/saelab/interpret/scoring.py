@@ -64,7 +64,8 @@ def fuzzing_items(s: LatentSamples, table: list[bytes], frac: float,
 
 def build_prompts(s: LatentSamples, scorer: str, explanation: str, items: Sequence[Item], *,
                   model: str, per_prompt: int, logprobs: bool, base_url: str,
-                  rng: np.random.Generator) -> list[ScorePrompt]:
+                  rng: np.random.Generator,
+                  reasoning_effort: str | None = None) -> list[ScorePrompt]:
     """Shuffled items in prompts of `per_prompt` examples each."""
     order = rng.permutation(len(items))
     shuffled = [items[i] for i in order]
@@ -72,7 +73,7 @@ def build_prompts(s: LatentSamples, scorer: str, explanation: str, items: Sequen
     for k in range(0, len(shuffled), per_prompt):
         chunk = tuple(shuffled[k:k + per_prompt])
         body = score_body(model, scorer, explanation, [it.text for it in chunk],
-                          logprobs=logprobs)
+                          logprobs=logprobs, reasoning_effort=reasoning_effort)
         prompts.append(ScorePrompt(s.latent, scorer, chunk, Request.make(body, base_url)))
     return prompts
 
