@@ -14,7 +14,7 @@ import numpy as np
 from saelab.core.config import InterpretCfg
 from saelab.interpret import pipeline
 from saelab.interpret.cost import TokenCounter
-from saelab.interpret.sampling import SampleSpec, sample_latent
+from saelab.interpret.sampling import SampleSpec, sample_from_hits
 
 from .conftest import CountingServer, labelling_responder
 
@@ -36,7 +36,7 @@ def synthetic_samples() -> tuple[list, list[bytes]]:
     for latent in range(N_LATENTS):
         fired = np.sort(rng.choice(n_tokens, size=30, replace=False))
         values = (0.5 + rng.random(30)).astype(np.float32)
-        samples.append(sample_latent(latent, fired, values, n_tokens, index, rows, SPEC,
+        samples.append(sample_from_hits(latent, fired, values, n_tokens, index, rows, SPEC,
                                      np.random.default_rng([0, latent])))
     return samples, table
 

@@ -18,7 +18,7 @@ from fake_openai import FakeOpenAI  # noqa: E402
 from saelab.core.config import InterpretCfg  # noqa: E402
 from saelab.interpret.cost import TokenCounter  # noqa: E402
 from saelab.interpret.decode import token_bytes_table  # noqa: E402
-from saelab.interpret.sampling import SampleSpec, sample_latent  # noqa: E402
+from saelab.interpret.sampling import SampleSpec, sample_from_hits  # noqa: E402
 from saelab.data.tokenizer import BOS_ID, load_llama3_tokenizer  # noqa: E402
 
 CTX = 64
@@ -106,7 +106,7 @@ def corpus(tokenizer):
 
 @pytest.fixture
 def samples(corpus):
-    return [sample_latent(i, idx, vals, corpus["n_tokens"], corpus["index"], corpus["rows"],
+    return [sample_from_hits(i, idx, vals, corpus["n_tokens"], corpus["index"], corpus["rows"],
                           SPEC, np.random.default_rng([0, i]))
             for i, (idx, vals) in sorted(corpus["latents"].items())]
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import CTX, SPEC, WORD
 
 from saelab.interpret.decode import activation_mask, char_values, highlight, render
-from saelab.interpret.latents import (firing_counts, latent_activations, select_latents,
-                                      store_index)
-from saelab.interpret.sampling import window_bounds
+from saelab.interpret.latents import (SilentPool, fill_window_acts, pool_for, position_ids,
+                                      scan)
+from saelab.interpret.sampling import SampleSpec, sample_latent, window_bounds
 
 
 def test_whole_window_decoding_keeps_spanish_characters(tokenizer, table):
@@ -78,21 +79,22 @@ def test_latents_with_too_few_activations_are_skipped(samples):
 
 
 def test_sampling_is_deterministic(corpus):
-    from saelab.interpret.sampling import sample_latent
+    from saelab.interpret.sampling import sample_from_hits
 
     idx, vals = corpus["latents"][5]
-    a, b = (sample_latent(5, idx, vals, corpus["n_tokens"], corpus["index"], corpus["rows"],
+    a, b = (sample_from_hits(5, idx, vals, corpus["n_tokens"], corpus["index"], corpus["rows"],
                           SPEC, np.random.default_rng([0, 5])) for _ in range(2))
     assert [(w.row, w.start) for w in a.quantiles + a.random] == \
            [(w.row, w.start) for w in b.quantiles + b.random]
 
 
 class _Store:
-    """The ActivationStore read interface over in-memory shards."""
+    """The ActivationStore read interface over in-memory shards and rows."""
 
-    def __init__(self, x: torch.Tensor, index: np.ndarray, shard: int):
+    def __init__(self, x: torch.Tensor, index: np.ndarray, rows: np.ndarray, shard: int):
+        self.x, self._rows = x, rows
         self.parts = [(x[i:i + shard], index[i:i + shard]) for i in range(0, len(x), shard)]
-        self.num_shards = len(self.parts)
+        self.num_shards, self.n_tokens = len(self.parts), len(x)
 
     def activations_f32(self, i):
         return self.parts[i][0].clone()
@@ -100,30 +102,83 @@ class _Store:
     def index(self, i):
         return self.parts[i][1]
 
+    def rows(self):
+        return self._rows
 
-class _SAE:
-    def __init__(self, W: torch.Tensor):
-        self.W = W
-
-    def encode(self, x):
-        return torch.relu(x @ self.W - 0.5)
+    def gather(self, ids, *, normalise=True):
+        assert not normalise  # the exported SAE takes raw activations
+        return self.x[torch.as_tensor(ids)]
 
 
-def test_latent_activations_match_a_dense_encode():
+def _sae(arch: str):
+    import dataclasses
+
+    from saelab.core.config import SAECfg
+    from saelab.sae.autoencoder import SAE
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(SAECfg(), architecture=arch, d_sae=24, k=3, theta_param="raw",
+                              decoder_norm="unit")
+    sae = SAE(8, 24, cfg)
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.fill_(-0.8)
+        if arch == "jumprelu":
+            sae.raw_threshold.fill_(0.5)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_one_pass_matches_a_dense_encode(arch):
+    """Counts, strongest tokens, the hit sample and every window's activations from the
+    one-pass scan equal what a dense encode of the whole store gives."""
+    n_rows, ctx = 60, 40
     g = torch.Generator().manual_seed(0)
-    x, W = torch.randn(5000, 8, generator=g), torch.randn(8, 12, generator=g)
-    index = np.stack([np.arange(5000) // CTX, np.arange(5000) % CTX], 1)
-    store, sae = _Store(x, index, shard=1500), _SAE(W)
-    dense = sae.encode(x)
-    counts = firing_counts(store, sae, torch.device("cpu"))
-    assert counts.tolist() == (dense > 0).sum(0).tolist()
-    top = select_latents(counts, 3, "top_density", np.random.default_rng(0))
-    assert top == np.argsort(-counts, kind="stable")[:3].tolist()
-    assert select_latents(counts, 3, "first", np.random.default_rng(0)) == [0, 1, 2]
-    got = latent_activations(store, sae, [top[0], 4], torch.device("cpu"))
-    for j in (top[0], 4):
-        idx, vals = got[j]
-        want = torch.nonzero(dense[:, j] > 0).squeeze(1).numpy()
-        assert idx.tolist() == want.tolist()
-        assert np.allclose(vals, dense[want, j].numpy())
-    assert (store_index(store) == index).all()
+    x = torch.randn(n_rows * (ctx - 1), 8, generator=g)
+    r, p = np.meshgrid(np.arange(n_rows), np.arange(1, ctx), indexing="ij")
+    index = np.stack([r.ravel(), p.ravel()], 1).astype(np.int64)  # position 0 not stored
+    rows = np.random.default_rng(0).integers(1, 500, size=(n_rows, ctx)).astype(np.uint32)
+    store, sae = _Store(x, index, rows, shard=700), _sae(arch)
+    with torch.no_grad():
+        dense = sae.encode(x)
+    cpu = torch.device("cpu")
+    pool = pool_for(24, 6, "random", np.random.default_rng(0))
+    assert len(pool) == 12 and len(set(pool.tolist())) == 12
+    found = scan(store, sae, pool, n_strongest=50, n_sample=64, device=cpu, seed=0)
+    assert found.counts.tolist() == (dense > 0).sum(0).tolist()
+    chosen = found.choose(6, "random")
+    assert chosen == [int(i) for i in pool if found.counts[i] > 0][:6]
+    assert found.choose(3, "top_density") == np.argsort(-found.counts, kind="stable")[:3].tolist()
+    for j in chosen:
+        hits, col = found.hits(j), dense[:, j].numpy()
+        fired = np.flatnonzero(col > 0)
+        assert hits.n_fired == len(fired)
+        assert np.allclose(hits.top_val, np.sort(col[fired])[::-1][:50], atol=1e-5)
+        assert np.allclose(col[hits.top_idx], hits.top_val, atol=1e-5)
+        assert len(hits.sample_idx) == min(64, len(fired))  # without replacement
+        assert len(set(hits.sample_idx.tolist())) == len(hits.sample_idx)
+        assert (col[hits.sample_idx] > 0).all() and np.allclose(col[hits.sample_idx], hits.sample_val)
+    # Windows: activations computed per latent equal the dense encode at every stored token.
+    pos_ids = position_ids(store)
+    assert (pos_ids[index[:, 0], index[:, 1]] == np.arange(len(index))).all()
+    assert (pos_ids[:, 0] == -1).all()
+    silent = SilentPool(store, sae, pos_ids, n_windows=64, width=8, device=cpu, seed=0)
+    spec = SampleSpec(window=8, n_top=4, n_explain=2, n_quantiles=2, n_per_quantile=2,
+                      n_random=3, min_activations=3)
+    samples = []
+    for j in chosen:
+        rng = np.random.default_rng([0, j])
+        samples.append(sample_latent(j, found.hits(j), store.n_tokens, index, rows, spec, rng,
+                                     silent.silent(j, rng)))
+    fill_window_acts(samples, store, sae, pos_ids, found.kth, cpu)
+    checked = 0
+    for smp in samples:
+        for w in smp.top + smp.quantiles + smp.random:
+            ids = pos_ids[w.row, w.start:w.start + len(w.tokens)]
+            want = np.where(ids >= 0, dense[np.maximum(ids, 0), smp.latent].numpy(), 0.0)
+            assert np.allclose(w.acts, want, atol=1e-5), (smp.latent, w.kind)
+            checked += 1
+        assert all(not w.acts.any() for w in smp.random)  # silent by the dense encode too
+        if smp.top:
+            assert smp.top[0].max_act == pytest.approx(smp.max_act, abs=1e-5)
+    assert checked > 20 and sum(len(smp.random) for smp in samples) >= 6

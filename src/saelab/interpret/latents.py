@@ -1,78 +1,234 @@
 """Latent activations over the activation store: which latents to explain, and where they fire.
 
-Two passes over the store through the SAE: the first counts how often every latent fires
-(for the selection and the firing densities), the second keeps, for the chosen latents
-only, the tokens where they fire. Keeping everything sparse in one pass would cost
-n_tokens x L0 entries; two passes cost one extra encode of the store.
+One encode of the store (`scan`) counts how often every latent fires and keeps, for a pool
+of candidate latents, its strongest tokens and a uniform sample of the tokens where it
+fired (the smallest random keys among its hits: a bottom-k sample, mergeable chunk by
+chunk). Memory is bounded by the pool's samples, pool x (n_strongest + n_sample) x 12
+bytes, whatever the store's length; keeping every hit instead would cost n_tokens x L0
+entries. The chosen windows' activations are then computed for their latent only
+(`fill_window_acts`: a dot product per token, not a second encode), and random windows
+come from a small shared set of windows encoded in full (`SilentPool`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from .sampling import Hits, LatentSamples, Window
+
 ENCODE_ROWS = 4096  # tokens per SAE forward: bounds the dense [rows, d_sae] buffer
+PAIR_CHUNK = 16384  # (token, latent) activations computed per step in fill_window_acts
+# Strongest tokens kept per top window wanted: enough distinct windows survive even when a
+# latent fires on runs of adjacent tokens (one window per run is used).
+STRONGEST_PER_WINDOW = 16
+SAMPLE_PER_WINDOW = 16  # sampled hits per quantile window wanted (at least 256)
+SILENT_POOL_WINDOWS = 1024  # shared random windows (x window tokens encoded in full)
 
 
-def _encoded(store, sae, device: torch.device, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
-    """(global offset, latent activations [rows, d_sae]) over the whole store."""
+def _pre_and_acts(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = sae.pre_acts(x)
+    return z, sae.activate(z)
+
+
+def _kth(sae, z: torch.Tensor) -> torch.Tensor | None:
+    """A TopK SAE keeps latent j at a token iff its pre-activation is among the token's k
+    largest: the midpoint between the k-th and the (k+1)-th, kept per token, lets one
+    latent's activation be computed alone (robust to the rounding of a one-column product)."""
+    if sae.arch != "topk":
+        return None
+    k = sae.cfg.k
+    if k >= z.shape[-1]:
+        return torch.full(z.shape[:-1], float("-inf"), device=z.device)
+    v = z.topk(k + 1, dim=-1).values
+    return (v[:, -2] + v[:, -1]) / 2
+
+
+def pool_for(d_sae: int, n: int, how: str, rng: np.random.Generator) -> np.ndarray:
+    """Latents the scan keeps samples of, in the order they are chosen from.
+
+    random: a seeded permutation, with room for twice n so the first n live ones are in it
+    when up to half are dead; top_density: every latent (the counts decide after the scan);
+    first: latents 0..n-1.
+    """
+    if how == "first":
+        return np.arange(min(n, d_sae))
+    if how == "random":
+        return rng.permutation(d_sae)[:min(d_sae, 2 * n)]
+    return np.arange(d_sae)
+
+
+@dataclass
+class Scan:
+    counts: np.ndarray  # [d_sae] stored tokens each latent fires on
+    pool: np.ndarray  # [P] latents with samples, in choice order
+    top_idx: np.ndarray  # [P, M] global token ids of the strongest activations
+    top_val: np.ndarray  # [P, M] their values, strongest first (0: fewer hits than M)
+    sample_idx: np.ndarray  # [P, R] a uniform sample of the tokens where it fired
+    sample_val: np.ndarray  # [P, R] (0: fewer hits than R)
+    kth: np.ndarray | None  # [n_tokens] TopK SAEs: each token's cut between kept and not
+
+    def choose(self, n: int, how: str) -> list[int]:
+        if how == "top_density":
+            return [int(i) for i in np.argsort(-self.counts, kind="stable")[:n]]
+        if how == "random":
+            return [int(i) for i in self.pool if self.counts[i] > 0][:n]
+        return [int(i) for i in self.pool[:n]]
+
+    def hits(self, latent: int) -> Hits:
+        p = int(np.flatnonzero(self.pool == latent)[0])
+        top, smp = self.top_val[p] > 0, self.sample_val[p] > 0
+        return Hits(int(self.counts[latent]), self.top_idx[p][top], self.top_val[p][top],
+                    self.sample_idx[p][smp], self.sample_val[p][smp])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.top_idx, self.top_val, self.sample_idx,
+                                      self.sample_val))
+
+
+def _keep(vals: torch.Tensor, ids: torch.Tensor, extra: torch.Tensor | None, k: int):
+    """The k largest of `vals` [P, m] per row, with the ids (and extra values) beside them."""
+    k = min(k, vals.shape[1])
+    v, pos = vals.topk(k, dim=1)
+    return v, ids.gather(1, pos), None if extra is None else extra.gather(1, pos)
+
+
+def scan(store, sae, pool: np.ndarray, *, n_strongest: int, n_sample: int,
+         device: torch.device, seed: int) -> Scan:
+    """One pass over the store: firing counts of every latent; for the pool, strongest
+    tokens and a uniform sample of hits (see the module docstring)."""
+    cols = torch.as_tensor(pool, device=device, dtype=torch.long)
+    P = len(pool)
+    top_v = torch.zeros(P, 0, device=device)
+    top_i = torch.zeros(P, 0, dtype=torch.int64, device=device)
+    key = torch.zeros(P, 0, device=device)  # negated random keys: largest = smallest key
+    smp_i = torch.zeros(P, 0, dtype=torch.int64, device=device)
+    smp_v = torch.zeros(P, 0, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
+    kth_parts: list[np.ndarray] = []
     offset = 0
     with torch.no_grad():
-        for shard in tqdm(range(store.num_shards), desc=desc, disable=None):
+        for shard in tqdm(range(store.num_shards), desc="latent scan", disable=None):
             x = store.activations_f32(shard)
             for s in range(0, len(x), ENCODE_ROWS):
-                chunk = x[s:s + ENCODE_ROWS].to(device, torch.float32)
-                yield offset + s, sae.encode(chunk)
+                z, f = _pre_and_acts(sae, x[s:s + ENCODE_ROWS].to(device, torch.float32))
+                kth = _kth(sae, z)
+                if kth is not None:
+                    kth_parts.append(kth.cpu().numpy())
+                counts += (f > 0).sum(0)
+                sub = f.index_select(1, cols).t()  # [P, rows]
+                ids = (torch.arange(len(sub[0]), device=device) + offset + s).expand(P, -1)
+                top_v, top_i, _ = _keep(torch.cat([top_v, sub], 1),
+                                        torch.cat([top_i, ids], 1), None, n_strongest)
+                u = torch.rand(sub.shape, generator=gen, device=device)
+                u = torch.where(sub > 0, -u, torch.full_like(u, -2.0))  # unfired never kept
+                key, smp_i, smp_v = _keep(torch.cat([key, u], 1), torch.cat([smp_i, ids], 1),
+                                          torch.cat([smp_v, sub], 1), n_sample)
             offset += len(x)
+    smp_v = torch.where(key > -2.0, smp_v, torch.zeros_like(smp_v))
+    return Scan(counts.cpu().numpy(), np.asarray(pool), top_i.cpu().numpy(),
+                top_v.float().cpu().numpy(), smp_i.cpu().numpy(), smp_v.float().cpu().numpy(),
+                np.concatenate(kth_parts) if kth_parts else None)
 
 
-def firing_counts(store, sae, device: torch.device) -> np.ndarray:
-    """How many stored tokens each latent fires on."""
-    counts = None
-    for _, f in _encoded(store, sae, device, "firing counts"):
-        c = (f > 0).sum(0)
-        counts = c if counts is None else counts + c
-    return counts.cpu().numpy().astype(np.int64)
+def column_acts(sae, x: torch.Tensor, latents: torch.Tensor,
+                kth: torch.Tensor | None) -> torch.Tensor:
+    """Activation of latent latents[i] at input x[i], computed for that latent alone."""
+    W_enc, b_enc = sae.encoder()
+    w = W_enc.index_select(1, latents).t()  # [n, d_in]
+    pre = (x * w).sum(1) + b_enc[latents] - (sae.b_dec * w).sum(1)
+    if sae.arch == "topk":
+        return torch.where(pre > kth, pre.relu(), torch.zeros_like(pre))
+    theta = sae.threshold[latents]
+    return torch.where(pre > theta, pre, torch.zeros_like(pre))
 
 
-def select_latents(counts: np.ndarray, n: int, how: str, rng: np.random.Generator) -> list[int]:
-    n = min(n, len(counts))
-    if how == "first":
-        return list(range(n))
-    if how == "random":
-        return sorted(int(i) for i in rng.choice(len(counts), size=n, replace=False))
-    # top_density: the latents that fire most often (a dead latent only if too few fire)
-    return [int(i) for i in np.argsort(-counts, kind="stable")[:n]]
-
-
-def latent_activations(store, sae, latents: list[int],
-                       device: torch.device) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """For each latent: global ids of the stored tokens where it fires, and the values."""
-    cols = torch.tensor(latents, device=device)
-    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in latents}
-    for offset, f in _encoded(store, sae, device, "latent activations"):
-        # Transposed, nonzero comes out grouped by latent (rows ascending within each):
-        # one split per chunk instead of a scan of all hits per latent.
-        sub = f.index_select(1, cols).t()
-        which, rows = torch.nonzero(sub > 0, as_tuple=True)
-        vals = sub[which, rows].float().cpu().numpy()
-        rows = rows.cpu().numpy() + offset
-        bounds = torch.bincount(which, minlength=len(latents)).cumsum(0)[:-1].cpu().numpy()
-        for latent, r, v in zip(latents, np.split(rows, bounds), np.split(vals, bounds)):
-            if len(r):
-                parts[latent].append((r, v))
-    out = {}
-    for latent, ps in parts.items():
-        if ps:
-            out[latent] = (np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps]))
-        else:
-            out[latent] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+def position_ids(store) -> np.ndarray:
+    """[n_rows, context_len] global id of the stored token at each row position, -1 where
+    the store holds none (BOS, excluded tokens)."""
+    rows = store.rows()
+    out = np.full(rows.shape, -1, dtype=np.int64)
+    offset = 0
+    for i in range(store.num_shards):
+        idx = np.asarray(store.index(i), dtype=np.int64)
+        out[idx[:, 0], idx[:, 1]] = np.arange(offset, offset + len(idx))
+        offset += len(idx)
     return out
 
 
-def store_index(store) -> np.ndarray:
-    """(row, position) of every stored token, in store order: [n_tokens, 2] int64."""
-    return np.concatenate([np.asarray(store.index(i), dtype=np.int64)
-                           for i in range(store.num_shards)])
+def fill_window_acts(samples: list[LatentSamples], store, sae, pos_ids: np.ndarray,
+                     kth: np.ndarray | None, device: torch.device) -> None:
+    """Compute each top and quantile window's activations of its latent, in store order
+    (sorted token ids read each shard's memmap forward) and in bounded chunks."""
+    windows: list[tuple[int, Window]] = [(s.latent, w) for s in samples if not s.skipped
+                                         for w in s.top + s.quantiles]
+    if not windows:
+        return
+    tok, lat, slot = [], [], []
+    for k, (latent, w) in enumerate(windows):
+        ids = pos_ids[w.row, w.start:w.start + len(w.tokens)]
+        w.acts = np.zeros(len(w.tokens), dtype=np.float32)
+        stored = np.flatnonzero(ids >= 0)
+        tok.append(ids[stored])
+        lat.append(np.full(len(stored), latent))
+        slot.append(np.stack([np.full(len(stored), k), stored], 1))
+    tok_a, lat_a, slot_a = np.concatenate(tok), np.concatenate(lat), np.concatenate(slot)
+    order = np.argsort(tok_a, kind="stable")
+    with torch.no_grad():
+        for c in range(0, len(order), PAIR_CHUNK):
+            sel = order[c:c + PAIR_CHUNK]
+            uniq, inv = np.unique(tok_a[sel], return_inverse=True)
+            x = store.gather(uniq, normalise=False).to(device)[torch.as_tensor(inv, device=device)]
+            kt = None if kth is None else torch.as_tensor(kth[tok_a[sel]], device=device)
+            a = column_acts(sae, x, torch.as_tensor(lat_a[sel], device=device), kt).cpu().numpy()
+            for (k, pos), v in zip(slot_a[sel], a):
+                windows[k][1].acts[pos] = v
+
+
+class SilentPool:
+    """A shared set of random windows, encoded in full once, from which each latent draws
+    its random windows among those where it is silent (exact, and no per-latent search)."""
+
+    def __init__(self, store, sae, pos_ids: np.ndarray, *, n_windows: int, width: int,
+                 device: torch.device, seed: int):
+        rng = np.random.default_rng([seed, 1])
+        n_rows, ctx = pos_ids.shape
+        width = min(width, ctx)
+        self.starts = np.stack([rng.integers(n_rows, size=n_windows),
+                                rng.integers(ctx - width + 1, size=n_windows)], 1)
+        ids = np.stack([pos_ids[r, s:s + width] for r, s in self.starts])  # [W, width]
+        stored = ids >= 0
+        flat = np.unique(ids[stored])
+        fired: list[np.ndarray] = []  # per chunk of flat: [k, 2] (token position in flat, latent)
+        with torch.no_grad():
+            for c in range(0, len(flat), ENCODE_ROWS):
+                f = sae.encode(store.gather(flat[c:c + ENCODE_ROWS], normalise=False).to(device))
+                nz = torch.nonzero(f > 0).cpu().numpy()
+                nz[:, 0] += c
+                fired.append(nz)
+        nz = np.concatenate(fired) if fired else np.zeros((0, 2), dtype=np.int64)
+        # Window membership of each token of `flat` (a token may sit in several windows).
+        w_of, t_of = np.nonzero(stored)
+        pos_in_flat = np.searchsorted(flat, ids[w_of, t_of])
+        by_token = np.argsort(pos_in_flat, kind="stable")
+        lo = np.searchsorted(pos_in_flat[by_token], nz[:, 0], side="left")
+        hi = np.searchsorted(pos_in_flat[by_token], nz[:, 0], side="right")
+        n = hi - lo
+        hit = np.repeat(np.arange(len(nz)), n)
+        j = lo[hit] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        arr = np.unique(np.stack([w_of[by_token[j]], nz[hit, 1]], 1).astype(np.int64), axis=0)
+        order = np.argsort(arr[:, 1], kind="stable")
+        self._lat, self._win = arr[order, 1], arr[order, 0]
+
+    def silent(self, latent: int, rng: np.random.Generator) -> Iterator[tuple[int, int]]:
+        """Starts of the pool's windows where `latent` never fires, in a random order."""
+        lo, hi = np.searchsorted(self._lat, [latent, latent + 1])
+        loud = np.zeros(len(self.starts), dtype=bool)
+        loud[self._win[lo:hi]] = True
+        for w in rng.permutation(np.flatnonzero(~loud)):
+            yield int(self.starts[w, 0]), int(self.starts[w, 1])

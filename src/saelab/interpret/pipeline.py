@@ -232,7 +232,7 @@ def _write_outputs(results: list[LatentResult], table: list[bytes], cfg: Interpr
 def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: InterpretCfg, *,
                   seed: int, out_dir: Path = paths.INTERPRET_DIR,
                   metrics_path: Path = paths.INTERPRET_METRICS,
-                  counter: TokenCounter | None = None,
+                  counter: TokenCounter | None = None, llm: Explainer | None = None,
                   sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Explain and score the sampled latents; write the report and the metrics."""
     unknown = [s for s in cfg.scorers if s not in SCORERS]
@@ -244,7 +244,7 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
     # A run killed mid-write leaves its temp files (requests.jsonl, a page, the metrics) behind.
     sweep_dead_writers(out_dir)
     sweep_dead_writers(Path(metrics_path).parent, f".{Path(metrics_path).name}.*.tmp")
-    llm = explainer(cfg)
+    llm = llm or explainer(cfg)
     if llm.auc_note:
         log.info("%s", llm.auc_note)
     cache = ResponseCache(_cache_dir(cfg.cache_dir))

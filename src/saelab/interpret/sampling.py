@@ -1,7 +1,8 @@
 """Pick the example windows of one latent: pure numpy over the store's arrays.
 
-A latent's activations arrive sparse (global token ids and values of the tokens where it
-fired). Windows of `window` tokens come from the packed rows, so they also show the BOS
+A latent's activations arrive as `Hits`: its strongest stored tokens and a uniform sample
+of all the tokens where it fired (what one pass over the store keeps, `latents.scan`), or
+every hit when they are all at hand (`Hits.every`). Windows of `window` tokens come from the packed rows, so they also show the BOS
 and outlier positions the store left out. Every window is centred a little right of its
 peak token (a causal model's latent depends on what came before). Windows never overlap
 one another, so the examples the explainer sees (the top activations) share no text with
@@ -11,6 +12,7 @@ is silent).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -26,7 +28,7 @@ class SampleSpec:
     min_activations: int = 10
 
 
-@dataclass(frozen=True)
+@dataclass
 class Window:
     row: int
     start: int
@@ -102,54 +104,83 @@ class _Latent:
         return lo == hi
 
 
-def sample_latent(latent: int, token_idx: np.ndarray, values: np.ndarray, n_tokens: int,
-                  index: np.ndarray, rows: np.ndarray, spec: SampleSpec,
-                  rng: np.random.Generator) -> LatentSamples:
-    """Top, quantile and random windows for one latent.
+@dataclass(frozen=True)
+class Hits:
+    """What is known of one latent before its windows are chosen: global token ids and
+    values of its strongest tokens (strongest first) and of a uniform sample of the tokens
+    where it fired, and how often it fired in all."""
+    n_fired: int
+    top_idx: np.ndarray
+    top_val: np.ndarray
+    sample_idx: np.ndarray
+    sample_val: np.ndarray
 
-    token_idx/values: the stored tokens (global ids into `index`) where the latent fired
-    (> 0) and its activation there. index: [n_tokens, 2] (row, position) of every stored
-    token. rows: [n_rows, context_len] packed token ids.
-    """
-    values = np.asarray(values, dtype=np.float32)
-    fired = values > 0
-    token_idx, values = np.asarray(token_idx)[fired], values[fired]
-    out = LatentSamples(latent, int(len(values)), n_tokens,
-                        float(values.max()) if len(values) else 0.0)
-    if len(values):
-        counts, edges = np.histogram(values, bins=40)
-        out.hist_counts, out.hist_edges = counts.tolist(), edges.tolist()
-    if len(values) < spec.min_activations:
-        out.skipped = f"fired on {len(values)} tokens (< min_activations = {spec.min_activations})"
-        return out
+    @classmethod
+    def every(cls, token_idx: np.ndarray, values: np.ndarray) -> "Hits":
+        """All of a latent's hits (values <= 0 are not hits)."""
+        values = np.asarray(values, dtype=np.float32)
+        keep = values > 0
+        idx, val = np.asarray(token_idx, dtype=np.int64)[keep], values[keep]
+        order = np.argsort(-val, kind="stable")
+        return cls(len(val), idx[order], val[order], idx, val)
 
-    ctx = rows.shape[1]
-    row_of, pos_of = index[token_idx, 0].astype(np.int64), index[token_idx, 1].astype(np.int64)
-    lookup = _Latent(row_of * ctx + pos_of, values, ctx)
-    # One candidate per (row, window-sized bucket): its peak token. Adjacent tokens of one
-    # occurrence would otherwise fill the top list with near-copies of the same text.
-    bucket = row_of * (ctx // spec.window + 1) + pos_of // spec.window
-    order = np.lexsort((-values, bucket))
+
+def _candidates(idx: np.ndarray, val: np.ndarray, row_of, pos_of, ctx: int,
+                window: int) -> np.ndarray:
+    """Positions into idx/val: one per (row, window-sized bucket), its peak token, strongest
+    first. Adjacent tokens of one occurrence would otherwise fill the list with near-copies
+    of the same text."""
+    bucket = row_of * (ctx // window + 1) + pos_of // window
+    order = np.lexsort((-val, bucket))
     first = np.ones(len(order), dtype=bool)
     first[1:] = bucket[order][1:] != bucket[order][:-1]
     cand = order[first]
-    cand = cand[np.argsort(-values[cand], kind="stable")]  # strongest first
+    return cand[np.argsort(-val[cand], kind="stable")]
 
-    def make(c: int, used: _Occupied, kind: str, q: int = -1) -> Window | None:
-        row, pos = int(row_of[c]), int(pos_of[c])
+
+def sample_latent(latent: int, hits: Hits, n_tokens: int, index: np.ndarray, rows: np.ndarray,
+                  spec: SampleSpec, rng: np.random.Generator,
+                  silent: Iterator[tuple[int, int]],
+                  acts: Callable[[int, int, int], np.ndarray] | None = None) -> LatentSamples:
+    """Top, quantile and random windows for one latent.
+
+    index: [n_tokens, 2] (row, position) of every stored token. rows: [n_rows, context_len]
+    packed token ids. silent: starts (row, s) of windows where the latent is silent, in the
+    order to try them. acts(row, s, e): the latent's activations over a window; without it
+    windows carry zeros until `latents.fill_window_acts` computes them for all latents at once.
+    """
+    out = LatentSamples(latent, hits.n_fired, n_tokens,
+                        float(hits.top_val[0]) if len(hits.top_val) else 0.0)
+    if len(hits.sample_val):
+        counts, edges = np.histogram(hits.sample_val, bins=40)
+        out.hist_counts, out.hist_edges = counts.tolist(), edges.tolist()
+    if hits.n_fired < spec.min_activations:
+        out.skipped = f"fired on {hits.n_fired} tokens (< min_activations = {spec.min_activations})"
+        return out
+
+    ctx = rows.shape[1]
+    width = min(spec.window, ctx)
+
+    def make(row: int, pos: int, used: _Occupied, kind: str, q: int = -1) -> Window | None:
         s, e = window_bounds(pos, spec.window, ctx)
         if not used.free(row, s, e):
             return None
         used.take(row, s, e)
-        return Window(row, s, rows[row, s:e].copy(), lookup.acts(row, s, e), kind, q)
+        a = acts(row, s, e) if acts is not None else np.zeros(e - s, dtype=np.float32)
+        return Window(row, s, rows[row, s:e].copy(), a, kind, q)
+
+    def located(idx: np.ndarray, val: np.ndarray):
+        r, p = index[idx, 0].astype(np.int64), index[idx, 1].astype(np.int64)
+        return r, p, _candidates(idx, val, r, p, ctx, spec.window)
 
     # One window more than the explainer takes, so at least one is left for scoring.
     n_top = max(spec.n_top, spec.n_explain + 1)
     used = _Occupied()
+    r_top, p_top, cand = located(hits.top_idx, hits.top_val)
     for c in cand:
         if len(out.top) == n_top:
             break
-        w = make(int(c), used, "top")
+        w = make(int(r_top[c]), int(p_top[c]), used, "top")
         if w is not None:
             out.top.append(w)
     out.n_explain = min(spec.n_explain, len(out.top) - 1)
@@ -162,29 +193,46 @@ def sample_latent(latent: int, token_idx: np.ndarray, values: np.ndarray, n_toke
     used = _Occupied()
     for w in out.explain:
         used.take(w.row, w.start, w.start + len(w.tokens))
-    # Quantile bins of equal count over the candidates, weakest bin first.
-    by_value = cand[::-1]
-    for q, chunk in enumerate(np.array_split(by_value, spec.n_quantiles)):
+    # Quantile bins of equal count over the sampled hits, weakest bin first.
+    r_s, p_s, cand = located(hits.sample_idx, hits.sample_val)
+    for q, chunk in enumerate(np.array_split(cand[::-1], spec.n_quantiles)):
         picked = 0
         for c in rng.permutation(chunk):
             if picked == spec.n_per_quantile:
                 break
-            w = make(int(c), used, "quantile", q)
+            w = make(int(r_s[c]), int(p_s[c]), used, "quantile", q)
             if w is not None:
                 out.quantiles.append(w)
                 picked += 1
 
-    # Random windows where the latent is silent; bounded tries, so a latent that fires
-    # almost everywhere gets fewer of them rather than a long search.
-    width = min(spec.window, ctx)
-    for _ in range(spec.n_random * 20):
+    # Random windows where the latent is silent (so their activations are all zero).
+    for row, s in silent:
         if len(out.random) == spec.n_random:
             break
-        row = int(rng.integers(rows.shape[0]))
-        s = int(rng.integers(ctx - width + 1))
-        e = s + width
-        if lookup.silent(row, s, e) and used.free(row, s, e):
-            used.take(row, s, e)
-            out.random.append(Window(row, s, rows[row, s:e].copy(),
+        if used.free(row, s, s + width):
+            used.take(row, s, s + width)
+            out.random.append(Window(row, s, rows[row, s:s + width].copy(),
                                      np.zeros(width, dtype=np.float32), "random"))
     return out
+
+
+def sample_from_hits(latent: int, token_idx: np.ndarray, values: np.ndarray, n_tokens: int,
+                     index: np.ndarray, rows: np.ndarray, spec: SampleSpec,
+                     rng: np.random.Generator) -> LatentSamples:
+    """`sample_latent` when every hit of the latent is known (tests, small stores): window
+    activations and silence are looked up, random windows drawn uniformly with bounded
+    tries, so a latent that fires almost everywhere gets fewer of them."""
+    hits = Hits.every(token_idx, values)
+    ctx = rows.shape[1]
+    keys = index[hits.sample_idx, 0].astype(np.int64) * ctx + index[hits.sample_idx, 1]
+    lookup = _Latent(keys, hits.sample_val, ctx)
+    width = min(spec.window, ctx)
+
+    def silent() -> Iterator[tuple[int, int]]:
+        for _ in range(spec.n_random * 20):
+            row = int(rng.integers(rows.shape[0]))
+            s = int(rng.integers(ctx - width + 1))
+            if lookup.silent(row, s, s + width):
+                yield row, s
+
+    return sample_latent(latent, hits, n_tokens, index, rows, spec, rng, silent(), lookup.acts)

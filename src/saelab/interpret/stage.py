@@ -17,7 +17,9 @@ from ..core.runtime import resolve_device
 from ..core.stage import run_stage
 from .backends import api_key
 from .decode import token_bytes_table
-from .latents import firing_counts, latent_activations, select_latents, store_index
+from .latents import (SAMPLE_PER_WINDOW, SILENT_POOL_WINDOWS, STRONGEST_PER_WINDOW,
+                      SilentPool, fill_window_acts, pool_for, position_ids, scan)
+from .models import explainer
 from .pipeline import run_interpret
 from .sampling import SampleSpec, sample_latent
 
@@ -39,26 +41,41 @@ def _run(params: Params) -> None:
     from ..activations.store import ActivationStore
 
     cfg = params.interpret
+    llm = explainer(cfg)  # a retired model or a missing key stops before the store pass
     if cfg.backend != "none":
-        api_key()  # before the passes over the store, not after them
+        api_key()
     device = resolve_device(params)
     store = ActivationStore(paths.ACTIVATIONS_DIR)
     sae = load_sae(paths.SAE_DIR, device)
     table = token_bytes_table(_tokenizer())
 
-    counts = firing_counts(store, sae, device)
-    rng = np.random.default_rng(params.run.seed)
-    latents = select_latents(counts, cfg.n_latents, cfg.latent_selection, rng)
-    log.info("explaining %d of %d latents (%s); %d are dead on this store", len(latents),
-             len(counts), cfg.latent_selection, int((counts == 0).sum()))
-    acts = latent_activations(store, sae, latents, device)
-    index, rows = store_index(store), np.asarray(store.rows())
     spec = SampleSpec(window=cfg.window, n_top=cfg.n_top, n_explain=cfg.n_explain,
                       n_quantiles=cfg.n_quantiles, n_per_quantile=cfg.n_per_quantile,
                       n_random=cfg.n_random, min_activations=cfg.min_activations)
-    samples = [sample_latent(i, *acts[i], store.n_tokens, index, rows, spec,
-                             np.random.default_rng([params.run.seed, i])) for i in latents]
-    metrics = run_interpret(samples, table, cfg, seed=params.run.seed)
+    seed = params.run.seed
+    pool = pool_for(sae.d_sae, cfg.n_latents, cfg.latent_selection, np.random.default_rng(seed))
+    found = scan(store, sae, pool, device=device, seed=seed,
+                 n_strongest=max(cfg.n_top, cfg.n_explain + 1) * STRONGEST_PER_WINDOW,
+                 n_sample=max(256, SAMPLE_PER_WINDOW * cfg.n_quantiles * cfg.n_per_quantile))
+    latents = found.choose(cfg.n_latents, cfg.latent_selection)
+    n_dead = int((found.counts == 0).sum())
+    log.info("one pass over %d stored tokens: %d of %d latents dead; explaining %d (%s); "
+             "samples kept for %d latents in %.1f MB", store.n_tokens, n_dead, sae.d_sae,
+             len(latents), cfg.latent_selection, len(pool), found.nbytes / 2**20)
+    if len(latents) < min(cfg.n_latents, sae.d_sae - n_dead):
+        log.warning("only %d live latents among the %d drawn for interpret.latent_selection = "
+                    "random; more than half the SAE is dead", len(latents), len(pool))
+    pos_ids, rows = position_ids(store), np.asarray(store.rows())
+    index = np.argwhere(pos_ids >= 0)[np.argsort(pos_ids[pos_ids >= 0], kind="stable")]
+    silent = SilentPool(store, sae, pos_ids, n_windows=SILENT_POOL_WINDOWS, width=cfg.window,
+                        device=device, seed=seed)
+    samples = []
+    for i in latents:
+        rng = np.random.default_rng([seed, i])
+        samples.append(sample_latent(i, found.hits(i), store.n_tokens, index, rows, spec, rng,
+                                     silent.silent(i, rng)))
+    fill_window_acts(samples, store, sae, pos_ids, found.kth, device)
+    metrics = run_interpret(samples, table, cfg, seed=params.run.seed, llm=llm)
     s = metrics["summary"]
     log.info("interpret: %d latents, %d skipped, %d explained; report in %s",
              s["n_latents"], s["n_skipped"], s["n_explained"], paths.INTERPRET_DIR / "index.html")
