@@ -37,15 +37,29 @@ class _Store:
     def rows(self):
         return self._rows
 
+    def gather(self, ids, *, normalise=True):
+        assert not normalise  # the exported SAE takes raw activations
+        return self._x[torch.as_tensor(ids)]
 
-class _SAE:
-    def __init__(self, d: int, d_sae: int):
-        self.W = torch.zeros(d, d_sae)
-        self.W[0, CORPUS_LATENT] = 2.0  # the planted latent
-        self.W[1, 0] = 1.0  # a dense latent on feature 1
 
-    def encode(self, x):
-        return torch.relu(x @ self.W - 0.5)
+def _sae(d: int, d_sae: int):
+    """A JumpReLU SAE as load_sae builds it: latent CORPUS_LATENT reads feature 0 (the
+    planted word), latent 0 is dense on feature 1, latent 1 is dead; thresholds 0.5."""
+    import dataclasses
+
+    from saelab.core.config import SAECfg
+    from saelab.sae.autoencoder import SAE
+
+    cfg = dataclasses.replace(SAECfg(), architecture="jumprelu", d_sae=d_sae, theta_param="raw",
+                              decoder_norm="unit")
+    sae = SAE(d, d_sae, cfg)
+    with torch.no_grad():
+        for t in (sae.W_enc, sae.b_enc, sae.b_dec):
+            t.zero_()
+        sae.W_enc[0, CORPUS_LATENT] = 2.0
+        sae.W_enc[1, 0] = 1.0
+        sae.raw_threshold.fill_(0.5)
+    return sae.eval()
 
 
 def test_stage_main_with_backend_none(workdir, corpus, tokenizer, isolated_mlflow, monkeypatch):
@@ -56,7 +70,7 @@ def test_stage_main_with_backend_none(workdir, corpus, tokenizer, isolated_mlflo
     from saelab.interpret.stage import main
 
     monkeypatch.setattr(store_mod, "ActivationStore", lambda path: _Store(corpus, 4))
-    monkeypatch.setattr(sae_mod, "load_sae", lambda path, device: _SAE(4, 12))
+    monkeypatch.setattr(sae_mod, "load_sae", lambda path, device: _sae(4, 12))
     tokenizer.save_pretrained(paths.MODEL_DIR)
     (workdir / "params.yaml").write_text(
         "run: {device: cpu, seed: 0}\n"
