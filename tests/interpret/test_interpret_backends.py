@@ -218,3 +218,33 @@ def test_token_counter_falls_back_to_a_labelled_estimate(caplog):
     assert not counter.exact and "chars/4" in counter.method
     assert counter.count("abcdefgh") == 2
     assert "chars/4" in caplog.text
+
+
+def test_batch_input_is_split_within_the_api_limits_and_each_part_resumed(server, workdir,
+                                                                         monkeypatch):
+    """More requests than one input file may hold go out as several batches, each recorded
+    by id; a crash while they run picks every one of them up, and nothing is paid twice."""
+    from saelab.interpret import backends
+
+    monkeypatch.setattr(backends, "BATCH_MAX_REQUESTS", 3)
+    reqs = _requests(7, server.base_url)
+    cache, state = ResponseCache(workdir / "c"), BatchState(workdir / "state.json")
+    server.hold_from = 1
+
+    def crash(_seconds):
+        raise KeyboardInterrupt
+
+    backend = BatchBackend(make_client(server.base_url, 10), cache, state,
+                           base_url=server.base_url, poll_s=0.001, max_rounds=3, sleep=crash)
+    with pytest.raises(KeyboardInterrupt):
+        backend.send(reqs, "t")
+    assert [len(v) for v in server.batch_inputs.values()] == [3, 3, 1]
+    assert set(state.load()) == set(server.batches)
+    server.hold_from = None
+    server.held.clear()
+    backend = BatchBackend(make_client(server.base_url, 10), cache, state,
+                           base_url=server.base_url, poll_s=0.001, max_rounds=3)
+    out = backend.send(reqs, "t")
+    assert out.sent == 7 and not out.failed and len(server.batches) == 3
+    assert sum(server.paid.values()) == 7 and max(server.paid.values()) == 1
+    assert state.load() == {}

@@ -74,8 +74,8 @@ class Scan:
     def choose(self, n: int, how: str) -> list[int]:
         if how == "top_density":
             return [int(i) for i in np.argsort(-self.counts, kind="stable")[:n]]
-        if how == "random":
-            return [int(i) for i in self.pool if self.counts[i] > 0][:n]
+        if how == "random":  # the first n live ones of the seeded draw, in id order
+            return sorted([int(i) for i in self.pool if self.counts[i] > 0][:n])
         return [int(i) for i in self.pool[:n]]
 
     def hits(self, latent: int) -> Hits:
