@@ -61,29 +61,42 @@ def render(token_ids, table: list[bytes]) -> Rendered:
     data = b"".join(pieces)
     # Characters are runs that start at a lead byte (anything but 10xxxxxx). Bytes before
     # the first lead byte belong to a character cut by the window's left edge: dropped.
-    starts = [i for i, b in enumerate(data) if b & 0xC0 != 0x80]
+    raw = np.frombuffer(data, dtype=np.uint8)
+    lead = (raw & 0xC0) != 0x80
+    char_of_byte = np.cumsum(lead) - 1  # -1 before the first lead byte
+    first = int(np.argmax(lead)) if lead.any() else len(data)
+    try:
+        text = data[first:].decode("utf-8")  # the common case: one decode of the window
+    except UnicodeDecodeError:
+        text, char_of_byte = _decode_by_character(data, lead, char_of_byte)
+    # Each token spans the characters its bytes fall in (bytes of dropped characters: -1).
+    ends = np.cumsum([len(p) for p in pieces])
+    spans = np.zeros((len(pieces), 2), dtype=np.int64)
+    prev = 0
+    for i, (e, n) in enumerate(zip(ends, (len(p) for p in pieces))):
+        owned = char_of_byte[e - n:e]
+        owned = owned[owned >= 0]
+        spans[i] = (owned[0], owned[-1] + 1) if len(owned) else (prev, prev)
+        prev = spans[i, 1]
+    return Rendered(text, spans)
+
+
+def _decode_by_character(data: bytes, lead: np.ndarray,
+                         char_of_byte: np.ndarray) -> tuple[str, np.ndarray]:
+    """Character by character: a character cut by the window's right edge is dropped, a
+    genuinely invalid one inside the window becomes U+FFFD."""
+    starts = np.flatnonzero(lead).tolist()
     chars: list[str] = []
-    char_of_byte = np.full(len(data), -1, dtype=np.int64)
     for k, s in enumerate(starts):
         e = starts[k + 1] if k + 1 < len(starts) else len(data)
         try:
             chars.append(data[s:e].decode("utf-8"))
         except UnicodeDecodeError:
             if e == len(data):
-                break  # a character cut by the window's right edge: dropped
-            chars.append("\ufffd")  # genuinely invalid bytes inside the window
-        char_of_byte[s:e] = len(chars) - 1
-    spans = np.zeros((len(pieces), 2), dtype=np.int64)
-    pos = 0
-    for i, piece in enumerate(pieces):
-        owned = char_of_byte[pos:pos + len(piece)]
-        owned = owned[owned >= 0]
-        if len(owned):
-            spans[i] = (owned[0], owned[-1] + 1)
-        else:
-            spans[i] = (spans[i - 1, 1], spans[i - 1, 1]) if i else (0, 0)
-        pos += len(piece)
-    return Rendered("".join(chars), spans)
+                char_of_byte = np.where(np.arange(len(data)) >= s, -1, char_of_byte)
+                break
+            chars.append("\ufffd")
+    return "".join(chars), char_of_byte
 
 
 def char_values(r: Rendered, token_values: np.ndarray) -> np.ndarray:

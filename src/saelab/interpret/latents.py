@@ -136,16 +136,23 @@ def scan(store, sae, pool: np.ndarray, *, n_strongest: int, n_sample: int,
                 np.concatenate(kth_parts) if kth_parts else None)
 
 
-def column_acts(sae, x: torch.Tensor, latents: torch.Tensor,
-                kth: torch.Tensor | None) -> torch.Tensor:
-    """Activation of latent latents[i] at input x[i], computed for that latent alone."""
-    W_enc, b_enc = sae.encoder()
-    w = W_enc.index_select(1, latents).t()  # [n, d_in]
-    pre = (x * w).sum(1) + b_enc[latents] - (sae.b_dec * w).sum(1)
-    if sae.arch == "topk":
-        return torch.where(pre > kth, pre.relu(), torch.zeros_like(pre))
-    theta = sae.threshold[latents]
-    return torch.where(pre > theta, pre, torch.zeros_like(pre))
+class ColumnEncoder:
+    """Activation of latent latents[i] at input x[i], computed for that latent alone: a
+    dot product with its encoder column (rows of a transposed copy, gathered cheaply)."""
+
+    def __init__(self, sae):
+        W_enc, b_enc = sae.encoder()
+        self.rows = W_enc.t().contiguous()  # [d_sae, d_in]
+        self.bias = b_enc - sae.b_dec @ W_enc
+        self.topk = sae.arch == "topk"
+        self.theta = None if self.topk else sae.threshold
+
+    def __call__(self, x: torch.Tensor, latents: torch.Tensor,
+                 kth: torch.Tensor | None) -> torch.Tensor:
+        pre = (x * self.rows.index_select(0, latents)).sum(1) + self.bias[latents]
+        if self.topk:
+            return torch.where(pre > kth, pre.relu(), torch.zeros_like(pre))
+        return torch.where(pre > self.theta[latents], pre, torch.zeros_like(pre))
 
 
 def position_ids(store) -> np.ndarray:
@@ -169,25 +176,24 @@ def fill_window_acts(samples: list[LatentSamples], store, sae, pos_ids: np.ndarr
                                          for w in s.top + s.quantiles]
     if not windows:
         return
-    tok, lat, slot = [], [], []
-    for k, (latent, w) in enumerate(windows):
-        ids = pos_ids[w.row, w.start:w.start + len(w.tokens)]
-        w.acts = np.zeros(len(w.tokens), dtype=np.float32)
-        stored = np.flatnonzero(ids >= 0)
-        tok.append(ids[stored])
-        lat.append(np.full(len(stored), latent))
-        slot.append(np.stack([np.full(len(stored), k), stored], 1))
-    tok_a, lat_a, slot_a = np.concatenate(tok), np.concatenate(lat), np.concatenate(slot)
-    order = np.argsort(tok_a, kind="stable")
+    # One flat buffer; each window's acts is a view into it, filled by one scatter per chunk.
+    sizes = np.array([len(w.tokens) for _, w in windows])
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    flat = np.zeros(starts[-1], dtype=np.float32)
+    ids = np.concatenate([pos_ids[w.row, w.start:w.start + len(w.tokens)] for _, w in windows])
+    lat = np.repeat([latent for latent, _ in windows], sizes)
+    for k, (_, w) in enumerate(windows):
+        w.acts = flat[starts[k]:starts[k + 1]]
+    slots = np.flatnonzero(ids >= 0)  # BOS and excluded positions stay 0
+    slots = slots[np.argsort(ids[slots], kind="stable")]
     with torch.no_grad():
-        for c in range(0, len(order), PAIR_CHUNK):
-            sel = order[c:c + PAIR_CHUNK]
-            uniq, inv = np.unique(tok_a[sel], return_inverse=True)
+        column_acts = ColumnEncoder(sae)
+        for c in range(0, len(slots), PAIR_CHUNK):
+            sel = slots[c:c + PAIR_CHUNK]
+            uniq, inv = np.unique(ids[sel], return_inverse=True)
             x = store.gather(uniq, normalise=False).to(device)[torch.as_tensor(inv, device=device)]
-            kt = None if kth is None else torch.as_tensor(kth[tok_a[sel]], device=device)
-            a = column_acts(sae, x, torch.as_tensor(lat_a[sel], device=device), kt).cpu().numpy()
-            for (k, pos), v in zip(slot_a[sel], a):
-                windows[k][1].acts[pos] = v
+            kt = None if kth is None else torch.as_tensor(kth[ids[sel]], device=device)
+            flat[sel] = column_acts(x, torch.as_tensor(lat[sel], device=device), kt).cpu().numpy()
 
 
 class SilentPool:

@@ -24,7 +24,7 @@ from ..core.errors import SaelabError
 from ..core.tracking import log_artifact, log_metrics, repo_root
 from .backends import BatchBackend, BatchState, SyncBackend, make_client, request_file_lines
 from .cache import Request, ResponseCache
-from .cost import Budget, Prices, TokenCounter, estimate, token_counter
+from .cost import Budget, Estimate, Prices, TokenCounter, estimate, token_counter
 from .models import Explainer, explainer
 from .decode import activation_mask, highlight, render
 from .prompts import explain_body, parse_explanation
@@ -176,6 +176,21 @@ def _plan(live: list[LatentResult], explain: dict[int, Request], table: list[byt
                     _score_prompts(r, probe.explanation or stand_in, table, cfg, llm, seed)]
     return (estimate(_uncached(list(explain.values()), cache), counter, prices)
             + estimate(_uncached(scoring, cache), counter, prices))
+
+
+def estimate_all(samples: list[LatentSamples], table: list[bytes], cfg: InterpretCfg, *,
+                 seed: int, counter: TokenCounter, llm: Explainer, batch: bool) -> Estimate:
+    """What explaining and scoring every sampled latent would cost with nothing cached
+    (the figure the stage prints before it sends anything)."""
+    live = [LatentResult(s) for s in samples if not s.skipped]
+    explain = {r.latent: _explain_request(r.samples, table, cfg, llm) for r in live}
+    return _plan(live, explain, table, cfg, llm, seed, _NothingCached(), counter,
+                 llm.prices(batch=batch))
+
+
+class _NothingCached:
+    def get(self, key: str) -> None:
+        return None
 
 
 def _explain_and_score(live: list[LatentResult], explain: dict[int, Request],
