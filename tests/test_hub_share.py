@@ -274,6 +274,13 @@ def test_upload_store_exports_and_uploads_the_dataset(tmp_path, monkeypatch, hub
     assert 'load_dataset("me/acts", split="train")' in card and "**Random weights.**" in card
     # the temporary export next to the store is gone
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["activations", "corpus"]
+    # The README's two-step form: export once, upload that folder (private by default).
+    assert main(["export-store", "--format", "hf", "data/activations-hf"]) == 0
+    assert main(["upload-store", "me/acts", "--export", "data/activations-hf"]) == 0
+    (_, _, kw, _), (_, _, _, folder2) = hub_calls[2:]
+    assert kw["private"] is True
+    assert (folder2 / "data-00000-of-00001.arrow").read_bytes() == \
+        (folder / "data-00000-of-00001.arrow").read_bytes()
     assert TOKEN not in caplog.text + "".join(capsys.readouterr())
 
 
@@ -289,7 +296,7 @@ def test_uploads_refuse_without_token_or_with_bad_input(tmp_path, monkeypatch, c
     monkeypatch.delenv("HF_TOKEN", raising=False)
     _sae_export(tmp_path)
     make_store(tmp_path / "s")
-    export_hf(tmp_path / "s", tmp_path / "hf")
+    assert main(["export-store", "hf", "--store", "s"]) == 0
     assert main(["upload-sae", "me/sae"]) == 2
     assert main(["upload-store", "me/acts", "--export", "hf"]) == 2
     assert capsys.readouterr().err.count("HF_TOKEN is not set") == 2
