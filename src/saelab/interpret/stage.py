@@ -1,8 +1,8 @@
 """DVC stage `interpret`: explain and score SAE latents with an LLM (DESIGN §8).
 
 Reads the SAE (models/sae), the activation store and the base model's tokenizer; writes
-reports/interpret/ (HTML, explanations.json, requests.jsonl) and
-reports/interpret_metrics.json. Backend `none` needs no key and sends nothing.
+reports/interpret/ (HTML, explanations.json, requests.jsonl, saedashboard/batch-N.json)
+and reports/interpret_metrics.json. Backend `none` needs no key and sends nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .backends import api_key
 from .decode import token_bytes_table
 from .latents import firing_counts, latent_activations, select_latents, store_index
 from .pipeline import run_interpret
+from .saedashboard import DIR as SAEDASHBOARD_DIR, write_batches
 from .sampling import SampleSpec, sample_latent
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ def _run(params: Params) -> None:
     samples = [sample_latent(i, *acts[i], store.n_tokens, index, rows, spec,
                              np.random.default_rng([params.run.seed, i])) for i in latents]
     metrics = run_interpret(samples, table, cfg, seed=params.run.seed)
+    # The same examples for SAEDashboard / Neuronpedia's importer (see saedashboard.py).
+    write_batches(paths.INTERPRET_DIR / SAEDASHBOARD_DIR, samples, table,
+                  model_id=params.model.name, layer=params.extract.layer,
+                  sae_set=f"saelab-{params.extract.hook.replace('_', '-')}",
+                  n_prompts_total=len(rows), n_tokens_in_prompt=rows.shape[1],
+                  dataset=params.data.source, n_quantiles=cfg.n_quantiles)
     s = metrics["summary"]
     log.info("interpret: %d latents, %d skipped, %d explained; report in %s",
              s["n_latents"], s["n_skipped"], s["n_explained"], paths.INTERPRET_DIR / "index.html")
