@@ -327,7 +327,8 @@ def sae_card(cfg: dict[str, Any], metrics: dict[str, Any], model_json: dict[str,
         ("training tokens", _fmt(metrics.get("tokens", meta.get("training_tokens")))),
         ("learning rate", f"{_fmt(meta.get('lr'))} (from {meta.get('lr_source', '?')})"),
         ("activations", f"[{dataset_repo}](https://huggingface.co/datasets/{dataset_repo})"
-         if dataset_repo else f"saelab store from {meta.get('data_source', '?')} (not on "
+         if dataset_repo else "streamed from the model, not stored"
+         if meta.get("data_source") == "stream" else "saelab's activation store (not on "
          "the Hub)"),
         ("corpus", corpus_line(corpus_manifest)),
         ("git commit", f"`{run.get('git_commit') or 'not recorded'}`"),
