@@ -161,12 +161,10 @@ def _sae_export(root):
     from saelab.sae.autoencoder import SAE, export_sae
 
     torch.manual_seed(0)
-    sae = SAE(D, 16, SAECfg(d_sae=16))
-    export_sae(sae, root / "models/sae", scale=0.5, meta={
+    export_sae(SAE(D, 16, SAECfg(d_sae=16)), root / "models/sae", scale=0.5, meta={
         "model_name": LLAMA["name"], "model_revision": LLAMA["revision"], "hook_name": HOOK,
         "layer": 8, "hook": "mlp_out", "lr": 7e-5, "lr_source": "params.sae.lr",
         "training_tokens": 4096, "data_source": "store"})
-    return sae
 
 
 METRICS = {"l0": 31.5, "fvu": 0.21, "delta_lm_loss": 0.0123, "ce_loss_recovered": 0.93,
@@ -213,7 +211,7 @@ def _files(folder):
 def test_upload_sae_in_from_pretrained_layout(tmp_path, monkeypatch, hub_calls, caplog,
                                               capsys, isolated_mlflow):
     monkeypatch.chdir(tmp_path)
-    sae = _sae_export(tmp_path)
+    _sae_export(tmp_path)
     _write(tmp_path / "reports/train/metrics.json", METRICS)
     _write(tmp_path / "models/base.json", LLAMA)
     _write(tmp_path / "data/corpus/manifest.json", OSCAR)
@@ -254,7 +252,6 @@ def test_upload_sae_in_from_pretrained_layout(tmp_path, monkeypatch, hub_calls, 
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), load_sae(tmp_path / "models/sae").encode(x))
     assert TOKEN not in caplog.text + "".join(capsys.readouterr())
-    assert sae is not None
 
 
 def test_upload_store_exports_and_uploads_the_dataset(tmp_path, monkeypatch, hub_calls, caplog,
