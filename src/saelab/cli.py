@@ -47,10 +47,44 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _cmd_export_store(args) -> int:
+    from .hub.hf_dataset import export_hf
+
+    info = export_hf(Path(args.store), Path(args.dir), seq_len=args.seq_len)
+    print(f"wrote {args.dir}: {info['n_rows']} rows x {info['seq_len']} tokens of "
+          f"{info['hook_name']} ({info['left_out_tokens']} tokens left out); open it with "
+          "datasets.load_from_disk")
+    return 0
+
+
 def _cmd_upload_store(args) -> int:
+    import tempfile
+
+    from .hub.hf_dataset import export_hf
     from .hub.share import upload_store
 
-    url = upload_store(Path(args.store), args.repo_id, private=not args.public)
+    if args.export:
+        url = upload_store(Path(args.export), args.repo_id, private=not args.public)
+    else:  # export next to the store (same disk), upload, and drop the copy
+        store = Path(args.store)
+        with tempfile.TemporaryDirectory(prefix=".hf-export-", dir=store.parent) as tmp:
+            export_hf(store, Path(tmp) / "hf")
+            url = upload_store(Path(tmp) / "hf", args.repo_id, private=not args.public)
+    print(f"uploaded to {url}")
+    return 0
+
+
+def _cmd_upload_sae(args) -> int:
+    from .hub.share import upload_sae
+    from .verify import verify_sae
+
+    # Never publish a damaged export: the same checks as `saelab verify`.
+    problems = verify_sae(Path(args.sae))
+    if problems:
+        raise SaelabError(f"{'; '.join(problems[:3])}; fix the export (`dvc repro train_sae`) "
+                          "before uploading")
+    url = upload_sae(Path(args.sae), args.repo_id, private=not args.public, sae_id=args.sae_id,
+                     dataset_repo=args.dataset, run_id=args.mlflow_run)
     print(f"uploaded to {url}")
     return 0
 
@@ -75,11 +109,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sae", default="models/sae")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("upload-store", help="upload the activation store to a Hugging Face dataset repo")
-    p.add_argument("repo_id")
+    p = sub.add_parser("export-store", help="write the activation store as a Hugging Face "
+                       "datasets dataset (SAELens's cached-activations layout)")
+    p.add_argument("dir", help="new directory to write (datasets.load_from_disk opens it)")
+    p.add_argument("--format", choices=["hf"], default="hf")
     p.add_argument("--store", default="data/activations")
-    p.add_argument("--public", action="store_true")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per row (SAELens's context_size); default: the store's")
+    p.set_defaults(func=_cmd_export_store)
+
+    # Both uploads: a repo id, private unless --public (HF_TOKEN from the environment).
+    p = sub.add_parser("upload-store", help="upload the activations, as a datasets dataset, "
+                       "to a Hugging Face dataset repo (private unless --public)")
+    p.add_argument("--store", default="data/activations")
+    p.add_argument("--export", help="upload this `export-store` directory instead of "
+                   "exporting the store to a temporary one")
     p.set_defaults(func=_cmd_upload_store)
+    uploads = [p]
+
+    p = sub.add_parser("upload-sae", help="upload the exported SAE (SAELens layout) and a "
+                       "model card to a Hugging Face model repo (private unless --public)")
+    p.add_argument("--sae", default="models/sae")
+    p.add_argument("--sae-id", help="folder in the repo, SAELens's from_pretrained(repo, "
+                   "sae_id); default: the hook name")
+    p.add_argument("--dataset", help="the Hub dataset repo of the activations it trained on")
+    p.add_argument("--mlflow-run", help="the train_sae MLflow run id (default: found by its "
+                   "final metrics)")
+    p.set_defaults(func=_cmd_upload_sae)
+    for p in uploads + [p]:
+        p.add_argument("repo_id")
+        p.add_argument("--public", action="store_true")
 
     args = parser.parse_args(argv)
     try:

@@ -85,6 +85,8 @@ def test_stage_main_with_backend_none(workdir, corpus, tokenizer, isolated_mlflo
     requests = (paths.INTERPRET_DIR / "requests.jsonl").read_text()
     assert f"<<{WORD}>>" in requests
     assert (paths.INTERPRET_DIR / "index.html").exists()
+    batch = json.loads((paths.INTERPRET_DIR / "saedashboard/batch-0.json").read_text())
+    assert {f["feature_index"] for f in batch["features"]} == {0, CORPUS_LATENT}
     runs = mlflow.search_runs(experiment_names=["saelab"])
     assert len(runs) == 1 and runs.iloc[0]["tags.dvc.stage"] == "interpret"
     assert np.isfinite(runs.iloc[0]["metrics.cost.estimated_usd"])

@@ -32,6 +32,17 @@ HOOK_POINTS: dict[str, tuple[str, str]] = {
     "mlp_in": ("post_attention_layernorm", "output"),
     "resid_post": ("", "output"),
 }
+# hook -> TransformerLens's name of the same tensor below `blocks.{L}.`: SAELens keys an
+# SAE's cfg.json (`hook_name`) and a cached-activations dataset's column by it.
+SAELENS_HOOKS: dict[str, str] = {"mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post",
+                                 "mlp_act": "mlp.hook_post", "mlp_in": "ln2.hook_normalized"}
+
+
+def saelens_hook_name(layer: int, hook: str) -> str:
+    """SAELens's (TransformerLens's) name of hook point `hook` at `layer`."""
+    if hook not in SAELENS_HOOKS:
+        raise SaelabError(f"unknown hook {hook!r}; available: {', '.join(SAELENS_HOOKS)}")
+    return f"blocks.{layer}.{SAELENS_HOOKS[hook]}"
 
 
 def base_model(model: nn.Module) -> nn.Module:

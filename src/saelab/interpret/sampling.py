@@ -152,8 +152,10 @@ def sample_latent(latent: int, hits: Hits, n_tokens: int, index: np.ndarray, row
     out = LatentSamples(latent, hits.n_fired, n_tokens,
                         float(hits.top_val[0]) if len(hits.top_val) else 0.0)
     if len(hits.sample_val):
+        # From the uniform sample of hits, scaled to all of them (exact when all are kept).
         counts, edges = np.histogram(hits.sample_val, bins=40)
-        out.hist_counts, out.hist_edges = counts.tolist(), edges.tolist()
+        scaled = np.rint(counts * (hits.n_fired / len(hits.sample_val))).astype(np.int64)
+        out.hist_counts, out.hist_edges = scaled.tolist(), edges.tolist()
     if hits.n_fired < spec.min_activations:
         out.skipped = f"fired on {hits.n_fired} tokens (< min_activations = {spec.min_activations})"
         return out

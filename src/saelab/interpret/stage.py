@@ -1,8 +1,8 @@
 """DVC stage `interpret`: explain and score SAE latents with an LLM (DESIGN §8).
 
 Reads the SAE (models/sae), the activation store and the base model's tokenizer; writes
-reports/interpret/ (HTML, explanations.json, requests.jsonl) and
-reports/interpret_metrics.json. Backend `none` needs no key and sends nothing.
+reports/interpret/ (HTML, explanations.json, requests.jsonl, saedashboard/batch-N.json)
+and reports/interpret_metrics.json. Backend `none` needs no key and sends nothing.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .latents import (SAMPLE_PER_WINDOW, SILENT_POOL_WINDOWS, STRONGEST_PER_WIND
                       SilentPool, fill_window_acts, pool_for, position_ids, scan)
 from .models import explainer
 from .pipeline import run_interpret
+from .saedashboard import DIR as SAEDASHBOARD_DIR, write_batches
 from .sampling import SampleSpec, sample_latent
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,12 @@ def _run(params: Params) -> None:
                                      silent.silent(i, rng)))
     fill_window_acts(samples, store, sae, pos_ids, found.kth, device)
     metrics = run_interpret(samples, table, cfg, seed=params.run.seed, llm=llm)
+    # The same examples for SAEDashboard / Neuronpedia's importer (see saedashboard.py).
+    write_batches(paths.INTERPRET_DIR / SAEDASHBOARD_DIR, samples, table,
+                  model_id=params.model.name, layer=params.extract.layer,
+                  sae_set=f"saelab-{params.extract.hook.replace('_', '-')}",
+                  n_prompts_total=len(rows), n_tokens_in_prompt=rows.shape[1],
+                  dataset=params.data.source, n_quantiles=cfg.n_quantiles)
     s = metrics["summary"]
     log.info("interpret: %d latents, %d skipped, %d explained; report in %s",
              s["n_latents"], s["n_skipped"], s["n_explained"], paths.INTERPRET_DIR / "index.html")
