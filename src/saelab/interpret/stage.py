@@ -43,6 +43,7 @@ def _run(params: Params) -> None:
         api_key()  # before the passes over the store, not after them
     device = resolve_device(params)
     store = ActivationStore(paths.ACTIVATIONS_DIR)
+    store.check()
     sae = load_sae(paths.SAE_DIR, device)
     table = token_bytes_table(_tokenizer())
 
