@@ -6,6 +6,7 @@ import logging
 import pytest
 import yaml
 
+from saelab.core.integrity import seal
 from saelab.core import hub_access
 from saelab.hub import share as hub_share
 from saelab.core.errors import SaelabError
@@ -42,6 +43,7 @@ def _store(tmp_path, n_shards=2):
                 "layer": 8, "hook": "mlp_out", "dtype": "bfloat16", "d": 2048,
                 "n_tokens": 200, "context_len": 1024, "n_rows": 1, "scale": 0.5,
                 "rows": _entry(store / "rows.npy"), "shards": shards}
+    manifest = seal(manifest)  # as extraction writes it
     (store / "manifest.json").write_text(json.dumps(manifest))
     return store, manifest
 
