@@ -217,12 +217,10 @@ class Budget:
         if self.ledger is not None:
             self.ledger.record(key, usd)
 
-    def add(self, response: dict[str, Any]) -> None:
-        self.pay("", response)
-
     def exhausted_error(self) -> SaelabError:
+        where = self.ledger.path if self.ledger else "this run"
         return SaelabError(
             f"interpret.max_usd = ${self.max_usd:.2f} is reached: ${self.total:.4f} paid for "
-            f"these requests over all runs (answers' usage, in {self.ledger.path if self.ledger else 'this run'}); "
+            f"these requests over all runs (answers' usage, in {where}); "
             f"{self.refused} request(s) were not sent. The answers so far are cached; raise "
             "interpret.max_usd to finish")
