@@ -56,11 +56,12 @@ STORE_DTYPES = {"float32": (np.dtype(np.float32), torch.float32),
 REBUILD = ("run `saelab verify` to list every problem, then restore it (`dvc checkout "
            "data/activations`) or rebuild it (`dvc repro -f extract_mlp8`)")
 # Readers hash the activation files in full up to this size; above it, sizes only (every
-# other file is always hashed: 28 of 4,124 bytes per token at d 2048 in bf16). sha256 runs at
-# ~1.77 GB/s on one core, so this line is 0.6 s; the 1B profile's 34.6 GB store would take
-# 19.5 s, more than 5% of fit_scaling_laws (~10-30 s of pilots on an H100) or of a pass of
-# interpret over the store. train_sae hashes in full at any size (`check(full=True)`): at
-# the 1B profile its 2.1 B tokens take >= 1,050 s at the SAE roofline, so 19.5 s is < 2%.
+# other file is always hashed: 24 of 4,120 bytes per token at d 2048 in bf16). sha256 runs at
+# ~1.77 GB/s on one core, so this line is 0.6 s. The 1B profile's 34.6 GB store would take
+# 19.5 s: more than 5% of fit_scaling_laws (15 pilots of 4.2 M tokens, 9.4 s at the SAE
+# roofline) and of interpret (two passes over the store, each >= 11.5 s at 3 GB/s of disk).
+# train_sae hashes in full at any size (`check(full=True)`): at the 1B profile its 2.1 B
+# tokens take >= 1,050 s at the SAE roofline, so 19.5 s is < 2%.
 FULL_HASH_MAX_BYTES = 1 << 30
 PERCENTILES = (0.0, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.9, 100.0)
 _STORE_FILE = re.compile(r"^(shard-\d{5}\.\w+\.npy|rows\.npy|manifest(\.partial)?\.json)(\.tmp)?$")
