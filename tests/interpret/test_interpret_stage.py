@@ -37,6 +37,9 @@ class _Store:
     def rows(self):
         return self._rows
 
+    def check(self, full=None):  # in memory: nothing on disk to check
+        pass
+
 
 class _SAE:
     def __init__(self, d: int, d_sae: int):

@@ -15,7 +15,7 @@ from ..core.config import Params
 from ..core.errors import SaelabError
 from ..core.runtime import resolve_device
 from ..core.stage import run_stage
-from .backends import api_key
+from .backends import api_key, check_base_url
 from .decode import token_bytes_table
 from .latents import firing_counts, latent_activations, select_latents, store_index
 from .pipeline import run_interpret
@@ -42,8 +42,10 @@ def _run(params: Params) -> None:
     cfg = params.interpret
     if cfg.backend != "none":
         api_key()  # before the passes over the store, not after them
+        check_base_url(cfg.base_url)
     device = resolve_device(params)
     store = ActivationStore(paths.ACTIVATIONS_DIR)
+    store.check()
     sae = load_sae(paths.SAE_DIR, device)
     table = token_bytes_table(_tokenizer())
 
