@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saelab.core.errors import SaelabError
+from saelab.core.integrity import seal
 from saelab.activations.store import ActivationStore, StoreWriter, sha256_file
 from saelab.data.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
 
@@ -171,7 +172,8 @@ def test_verify_checks_contents(tmp_path):
     write(tmp_path / "s")
     m = json.loads((tmp_path / "s/manifest.json").read_text())
     m["vocab_size"] = 70000  # every stored id above it now counts as out of range
-    (tmp_path / "s/manifest.json").write_text(json.dumps(m))
+    (tmp_path / "s/manifest.json").write_text(json.dumps(seal(m)))  # resealed: only the
+    # contents are wrong
     acts = np.load(tmp_path / "s/shard-00000.acts.npy")
     acts[3, 2] = np.nan
     np.save(tmp_path / "s/shard-00000.acts.npy", acts)

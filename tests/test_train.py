@@ -94,7 +94,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(SaelabError, match="step 13 of 30"):
         train(cfg(), lambda start: batches(64, start, nan_at=12), d_in=16, n_tokens=64 * 30,
               lr=1e-2, device="cpu", seed=0, checkpoint_dir=tmp_path)
-    state = torch.load(tmp_path / checkpoint.FILE, weights_only=False)
+    state = torch.load(checkpoint.latest(tmp_path), weights_only=False)
     assert state["state"]["step"] == 10
     assert all(torch.isfinite(v).all() for v in state["sae"].values())
 
@@ -140,7 +140,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, arch):
 
     killed = run(tmp_path / "ck", tmp_path / "killed.pt", "slow")
     deadline = time.time() + 60
-    while not (tmp_path / "ck" / checkpoint.FILE).exists():
+    while checkpoint.latest(tmp_path / "ck") is None:
         assert killed.poll() is None, "child finished or crashed before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.05)
@@ -148,7 +148,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, arch):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed.pt").exists()
-    step = torch.load(tmp_path / "ck" / checkpoint.FILE, weights_only=False)["state"]["step"]
+    step = torch.load(checkpoint.latest(tmp_path / "ck"), weights_only=False)["state"]["step"]
     assert 0 < step < 60
 
     resumed = run(tmp_path / "ck", tmp_path / "resumed.pt", "fast")

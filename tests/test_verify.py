@@ -124,7 +124,8 @@ def test_truncated_or_missing_sae_files_are_named(store, sae_dir, tmp_path):
     shutil.rmtree(sae_dir)
     sae_dir.mkdir()
     problems = verify_all(store, sae_dir)
-    assert [p.split(": ")[1] for p in problems][:2] == ["cfg.json", WEIGHTS_FILE]
+    assert [p.split(": ")[1] for p in problems][:3] == ["manifest.json", "cfg.json",
+                                                        WEIGHTS_FILE]
 
 
 def test_sae_manifest_sha256_is_checked(store, sae_dir):

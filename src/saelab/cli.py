@@ -16,6 +16,12 @@ def compose_params(overrides: list[str] | None = None, root: Path = Path("."),
 
     root = root.resolve()
     output = output or root / "params.yaml"
+    profiles = sorted(p.stem for p in (root / "conf" / "profile").glob("*.yaml"))
+    for o in overrides or []:
+        name, _, value = o.partition("=")
+        if name.lstrip("+~") == "profile" and value not in profiles:
+            raise ConfigError(f"unknown profile {value!r}; choose one of {profiles} (the files "
+                              "in conf/profile/)")
     compose_and_dump(output, str(root / "conf"), None, "config", str(root), overrides or [])
     return output
 

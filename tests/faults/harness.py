@@ -97,7 +97,8 @@ def store_signature(root: Path) -> dict:
     store = Path(root) / "data/activations"
     return {"files": without(tree(store), ["manifest.json"]),
             "manifest": without(_json(store / "manifest.json"),
-                                ("tokens_per_s", "elapsed_s", "resumed_shards"))}
+                                ("tokens_per_s", "elapsed_s", "resumed_shards",
+                                 "manifest_sha256"))}
 
 
 def train_signature(root: Path) -> dict:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from saelab.cli import compose_params
+from saelab.sae import checkpoint
 
 from .conftest import interpret_workspace, read_json
 from .harness import (REPO, merge, read_only, store_signature, temp_names, tmpfs,
@@ -196,7 +197,7 @@ def test_read_only_output_directory_keeps_the_trained_sae(trained, tmp_path):
     ws = trained.clone(tmp_path / "ws", "data/activations")
     with read_only(ws.root / "models"):
         clear_failure(ws.run("train_sae"), "models/sae", "writable")
-    assert (ws.root / ".saelab/checkpoints/train_sae/checkpoint.pt").is_file()
+    assert checkpoint.latest(ws.root / ".saelab/checkpoints/train_sae")
     rerun = ws.run("train_sae", events=["step"]).ok()
     assert rerun.events.get("step", 0) == 0  # resumed at the last step: nothing retrained
     assert train_signature(ws.root) == train_signature(trained.root)
@@ -227,7 +228,7 @@ def test_disk_full_while_checkpointing(trained, tmp_path):
         fill = {"event": "torch_save", "n": 3, "when": "before", "action": "fill",
                 "path": str(state)}
         clear_failure(ws.run("train_sae", fault=fill), "disk is full", "Free space", status=3)
-        ckpt = state / "checkpoints/train_sae/checkpoint.pt"
+        ckpt = checkpoint.latest(state / "checkpoints/train_sae")
         at = torch.load(ckpt, weights_only=False)["state"]["step"]
         assert at == 2 * ws.params()["sae"]["checkpoint_every"]  # the last good one
         assert not tmp_files(state), "a failed checkpoint write left its temp file on the full disk"

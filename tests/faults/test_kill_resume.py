@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 
+from saelab.sae import checkpoint
 from saelab.verify import verify_sae, verify_store
 
 from .conftest import INTERPRET_EVENTS, interpret_workspace, read_json
@@ -75,8 +76,8 @@ def test_train_killed_then_resumed(i, trained, tmp_path):
     point = kill_points(counts, SEED + 1, focus=("torch_save", "fsync", "replace"))[i]
     ws = trained.clone(tmp_path / "ws", "data/activations")
     _killed(ws, "train_sae", point)
-    ckpt = ws.root / ".saelab/checkpoints/train_sae/checkpoint.pt"
-    at = torch.load(ckpt, weights_only=False)["state"]["step"] if ckpt.exists() else 0
+    ckpt = checkpoint.latest(ws.root / ".saelab/checkpoints/train_sae")
+    at = torch.load(ckpt, weights_only=False)["state"]["step"] if ckpt else 0
 
     rerun = ws.run("train_sae", events=["step"]).ok()
     assert train_signature(ws.root) == train_signature(trained.root)

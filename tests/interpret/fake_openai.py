@@ -6,7 +6,8 @@ The answer to a chat request comes from `responder(body) -> str | dict` (a dict 
 seconds; `max_in_flight` records the most chat requests served at once. A batch whose id is in `held` stays
 `in_progress` (with `hold_from = k`, so is every batch created as the k-th or later); `expire_after = k` makes the next batch answer k requests and then expire, writing
 the rest to its error file as `batch_expired`. Every answered request is counted per body
-hash in `paid`, whichever endpoint answered it.
+hash in `paid`, whichever endpoint answered it. `garble` answers 200 with a malformed body,
+`usage_factor` inflates the reported usage, `create_delay` makes batch creation slow.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ class FakeOpenAI:
         self.responder = responder
         self.fail: Callable[[dict, int], int | None] = lambda body, attempt: None
         self.delay: Callable[[dict, int], float] = lambda body, attempt: 0.0
+        # A 200 whose body is `garble(body, attempt)` instead of a completion (None: a real
+        # answer); it is paid for all the same, with the usage of a real answer.
+        self.garble: Callable[[dict, int], Any] = lambda body, attempt: None
+        self.usage_factor = 1  # reported usage = real usage x this (an inflating server)
+        self.create_delay = 0.0  # seconds batches.create waits after making the batch
         self.in_flight = self.max_in_flight = 0
         self.held: set[str] = set()
         self.hold_from: int | None = None
@@ -78,8 +84,8 @@ class FakeOpenAI:
                             "message": {"role": "assistant", "content": answer["content"]}})
         with self._lock:
             self.paid[body_hash(body)] += 1
-        prompt = sum(len(m["content"]) for m in body["messages"]) // 4
-        out = sum(len(c["message"]["content"] or "") for c in choices) // 4
+        prompt = sum(len(m["content"]) for m in body["messages"]) // 4 * self.usage_factor
+        out = sum(len(c["message"]["content"] or "") for c in choices) // 4 * self.usage_factor
         return {"id": self._new_id("chatcmpl"), "object": "chat.completion",
                 "created": int(time.time()), "model": body["model"], "choices": choices,
                 "usage": {"prompt_tokens": prompt, "completion_tokens": out,
@@ -156,7 +162,13 @@ class FakeOpenAI:
                             return self._send(status, {"error": {
                                 "message": f"injected {status}", "type": "server_error",
                                 "code": None}}, headers={"retry-after": "0"})
-                        return self._send(200, fake.complete(body))
+                        answer = fake.complete(body)
+                        garbled = fake.garble(body, attempt)
+                        if garbled is not None:
+                            if isinstance(garbled, dict):
+                                garbled = {**garbled, "usage": answer["usage"]}
+                            return self._send(200, garbled)
+                        return self._send(200, answer)
                     finally:
                         with fake._lock:
                             fake.in_flight -= 1
@@ -189,6 +201,7 @@ class FakeOpenAI:
                         "output_file_id": None, "error_file_id": None, "errors": None,
                         "request_counts": {"total": len(fake.batch_inputs[bid]),
                                            "completed": 0, "failed": 0}}
+                    time.sleep(fake.create_delay)
                     return self._send(200, fake._batch_view(fake.batches[bid]))
                 m = re.fullmatch(r"/v1/batches/([^/]+)/cancel", path)
                 if m and m.group(1) in fake.batches:
@@ -200,6 +213,9 @@ class FakeOpenAI:
 
             def do_GET(self):
                 path = self.path.split("?")[0]
+                if path == "/v1/batches":
+                    return self._send(200, {"object": "list", "has_more": False, "data": [
+                        fake._batch_view(b) for b in reversed(list(fake.batches.values()))]})
                 m = re.fullmatch(r"/v1/batches/([^/]+)", path)
                 if m and m.group(1) in fake.batches:
                     b = fake.batches[m.group(1)]

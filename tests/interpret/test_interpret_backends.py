@@ -205,7 +205,7 @@ def test_estimate_prices_and_batch_discount():
     assert batch.usd == pytest.approx(sync.usd / 2)
     budget = Budget(sync.usd * 1.5, Prices(2.5, 10.0))
     budget.check(sync, "x")
-    budget.add({"usage": {"prompt_tokens": 10**6, "completion_tokens": 0}})
+    budget.pay("k", {"usage": {"prompt_tokens": 10**6, "completion_tokens": 0}})
     assert budget.spent == pytest.approx(2.5)
     with pytest.raises(SaelabError, match="already spent"):
         budget.check(sync, "x")

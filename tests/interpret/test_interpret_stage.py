@@ -41,6 +41,10 @@ class _Store:
         assert not normalise  # the exported SAE takes raw activations
         return self._x[torch.as_tensor(ids)]
 
+    def check(self, full=None):  # in memory: nothing on disk to check
+        pass
+
+
 
 def _sae(d: int, d_sae: int):
     """A JumpReLU SAE as load_sae builds it: latent CORPUS_LATENT reads feature 0 (the

@@ -37,6 +37,7 @@ from ..core import atomic
 from ..core.atomic import sha256_file
 from ..core import paths
 from ..core.errors import SaelabError
+from ..core.integrity import seal, seal_problem
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,17 @@ TOKEN_FILES = {"tokens": np.dtype(np.uint32), "index": np.dtype(np.int64),
 # are stored as uint16 and the manifest records the real dtype.
 STORE_DTYPES = {"float32": (np.dtype(np.float32), torch.float32),
                 "bfloat16": (np.dtype(np.uint16), torch.bfloat16)}
+# The fix for a damaged store, in every message that finds one.
+REBUILD = ("run `saelab verify` to list every problem, then restore it (`dvc checkout "
+           "data/activations`) or rebuild it (`dvc repro -f extract_mlp8`)")
+# Readers hash the activation files in full up to this size; above it, sizes only (every
+# other file is always hashed: 24 of 4,120 bytes per token at d 2048 in bf16). sha256 runs at
+# ~1.77 GB/s on one core, so this line is 0.6 s. The 1B profile's 34.6 GB store would take
+# 19.5 s: more than 5% of fit_scaling_laws (15 pilots of 4.2 M tokens, 9.4 s at the SAE
+# roofline) and of interpret (two passes over the store, each >= 11.5 s at 3 GB/s of disk).
+# train_sae hashes in full at any size (`check(full=True)`): at the 1B profile its 2.1 B
+# tokens take >= 1,050 s at the SAE roofline, so 19.5 s is < 2%.
+FULL_HASH_MAX_BYTES = 1 << 30
 PERCENTILES = (0.0, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.9, 100.0)
 _STORE_FILE = re.compile(r"^(shard-\d{5}\.\w+\.npy|rows\.npy|manifest(\.partial)?\.json)(\.tmp)?$")
 
@@ -59,7 +71,8 @@ def shard_name(k: int, kind: str) -> str:
     return f"shard-{k:05d}.{kind}.npy"
 
 
-def file_problem(path: Path, entry: dict[str, Any], source: str = "the manifest") -> str | None:
+def file_problem(path: Path, entry: dict[str, Any], source: str = "the manifest",
+                 hash: bool = True) -> str | None:
     """What is wrong with `path` against its manifest entry (missing, size, sha256), or
     None. The size goes first, so a truncated file is not hashed."""
     if not path.is_file():
@@ -67,7 +80,7 @@ def file_problem(path: Path, entry: dict[str, Any], source: str = "the manifest"
     size = path.stat().st_size
     if size != entry.get("bytes"):
         return f"{path.name}: {size} bytes, {source} says {entry.get('bytes')}"
-    if sha256_file(path) != entry.get("sha256"):
+    if hash and sha256_file(path) != entry.get("sha256"):
         return f"{path.name}: sha256 differs from {source}"
     return None
 
@@ -302,6 +315,7 @@ class StoreWriter:
             "shard_tokens": self.header["shard_tokens"],
             "rows": rows_entry, "shards": shards,
         }
+        manifest = seal(manifest)
         _write_json(self.out_dir / MANIFEST, manifest)
         for p in parts:
             p.unlink()
@@ -321,7 +335,7 @@ def _resume(out_dir: Path, header: dict[str, Any], num_shards: int,
     if done.is_file():
         manifest = atomic.read_json(done)
         if manifest and manifest.get("fingerprint") == header["fingerprint"] and \
-                not ActivationStore(out_dir).verify():
+                not seal_problem(manifest, MANIFEST) and not ActivationStore(out_dir).verify():
             # a run killed while finishing may have left its partial files behind
             _remove_store_files(out_dir, keep=[MANIFEST, *_files(manifest)])
             return manifest, []
@@ -404,6 +418,9 @@ class ActivationStore:
                    else "is missing" if not self.path.exists() else "has no valid manifest.json")
             raise SaelabError(f"the activation store {self.path} {why}; "
                               "run `dvc repro extract_mlp8`")
+        if problem := seal_problem(manifest, f"{self.path / MANIFEST}"):
+            raise SaelabError(f"the activation store is not trustworthy: {problem}; "
+                              f"{REBUILD}")
         self.manifest: dict[str, Any] = manifest
         self.d: int = manifest["d"]
         self.n_tokens: int = manifest["n_tokens"]
@@ -505,6 +522,27 @@ class ActivationStore:
         return self.gather(np.sort(ids), normalise=normalise)
 
     # --- integrity ---------------------------------------------------------------------
+
+    def _entries(self) -> list[tuple[str, dict[str, Any]]]:
+        m = self.manifest
+        return [("rows", m["rows"])] + [(kind, e) for s in m["shards"]
+                                        for kind, e in s["files"].items()]
+
+    def check(self, full: bool | None = None) -> None:
+        """Before a stage spends compute on the store: every file present at its size, and
+        its sha256 (the activation files' only when `full`, by default when they hold at
+        most FULL_HASH_MAX_BYTES). Raises a SaelabError naming the first problem."""
+        entries = self._entries()
+        if full is None:
+            full = sum(e["bytes"] for k, e in entries if k == "acts") <= FULL_HASH_MAX_BYTES
+        problems = [p for k, e in entries
+                    if (p := file_problem(self.path / e["file"], e, hash=full or k != "acts"))]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise SaelabError(f"the activation store {self.path} is damaged: {problems[0]}"
+                              f"{more}; {REBUILD}")
+        log.info("activation store %s: %d files checked (%s)", self.path, len(entries),
+                 "sizes and sha256" if full else "sizes; sha256 of all but the activations")
 
     def verify(self) -> list[str]:
         """Check every file against the manifest (sha256, shape, dtype) and the contents

@@ -478,6 +478,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not raw:
+        # Every key would take its default: a stage would run on numbers nobody chose
+        # (train_sae on the budget's 2.1 B tokens instead of the profile's).
+        raise ConfigError(f"{path} is empty; regenerate it from conf/ with `saelab params` "
+                          f"(or restore it: `git checkout {path}`)")
     return parse_params(raw)
 
 

@@ -214,15 +214,47 @@ def _saved_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+REFETCH = "restore it (`dvc checkout models/base`) or fetch it again (`dvc repro -f fetch_model`)"
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Before a stage loads the model: config.json parses, weights are there, and every
+    safetensors file is whole (its header's tensors cover exactly the file's bytes)."""
+    from safetensors import SafetensorError, safe_open
+
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise SaelabError(f"no model in {model_dir}; run `dvc repro fetch_model` first")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SaelabError(f"{config} is damaged (not valid JSON: {e}); {REFETCH}") from None
+    weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    if not weights:
+        raise SaelabError(f"{model_dir} has a config.json but no weights (*.safetensors or "
+                          f"*.bin); {REFETCH}")
+    for w in weights:
+        if w.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(w), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise SaelabError(f"{w} is damaged or truncated ({e}); {REFETCH}") from None
+
+
 def load_model(model_dir: Path = paths.MODEL_DIR, *, device: torch.device | str,
                dtype: torch.dtype, attn_implementation: str = "sdpa",
                ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """The frozen base model (eval mode, no grads) and its tokenizer, for every source."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise SaelabError(f"no model in {model_dir}; run `dvc repro fetch_model` first")
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                             attn_implementation=attn_implementation)
+    check_model_dir(model_dir)
+    try:
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    except (OSError, ValueError, RuntimeError) as e:  # what the checks above cannot see
+        raise SaelabError(f"the model in {model_dir} cannot be loaded ({str(e)[:300]}); "
+                          f"{REFETCH}") from None
     model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer

@@ -108,9 +108,14 @@ def _local_files(data: DataCfg) -> list[Path]:
         if not data.local_files:
             raise SaelabError("data.source = local needs data.local_files (a glob of .jsonl or "
                               ".parquet files with a `text` column)")
-        files = sorted(Path(f) for f in glob.glob(data.local_files, recursive=True)
-                       if Path(f).is_file())
+        matches = [Path(f) for f in glob.glob(data.local_files, recursive=True)]
+        files = sorted(f for f in matches if f.is_file())
         if not files:
+            dirs = [f.as_posix() for f in matches if f.is_dir()]
+            if dirs:
+                raise SaelabError(f"data.local_files = {data.local_files!r} matches only "
+                                  f"directories ({', '.join(dirs[:3])}); point it at the files "
+                                  f"inside, e.g. '{dirs[0]}/*.jsonl'")
             raise SaelabError(f"data.local_files = {data.local_files!r} matches no files")
     unsupported = [f.as_posix() for f in files if f.suffix.lower() not in BUILDERS]
     if unsupported:

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from ..core.atomic import read_json, write_text
 from ..core.errors import SaelabError
-from .cache import Request, ResponseCache
+from .cache import Request, ResponseCache, completion_problem
+from .cost import Budget
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ KEY_ENV = "OPENAI_API_KEY"
 BATCH_MAX_REQUESTS = 50_000
 BATCH_MAX_BYTES = 190 * 2**20
 _TERMINAL = {"completed", "failed", "expired", "cancelled"}
+# State-file name of a batch being created from an input file (its id not known yet).
+PENDING = "creating:"
 
 
 def api_key() -> str:
@@ -42,6 +45,14 @@ def api_key() -> str:
             "interpret.backend=none to write the dashboards and the ready-to-send request "
             "file without calling any API")
     return key
+
+
+def check_base_url(base_url: str) -> None:
+    """Refuse an endpoint the client would reject on every request (no scheme)."""
+    if base_url and not base_url.startswith(("http://", "https://")):
+        raise SaelabError(f"interpret.base_url = {base_url!r} is not an http:// or https:// "
+                          "URL; write it in full, e.g. http://127.0.0.1:8000/v1, or leave it "
+                          "empty for OpenAI")
 
 
 def make_client(base_url: str, timeout_s: float):
@@ -68,6 +79,9 @@ def _fatal(e: Exception) -> SaelabError | None:
     return None
 
 
+CAP_REACHED = "not sent: interpret.max_usd is reached"
+
+
 @dataclass
 class Outcome:
     sent: int = 0  # requests answered now (paid), not counting cached ones
@@ -78,8 +92,9 @@ class SyncBackend:
     """Requests in parallel threads, each retried with exponential backoff and jitter."""
 
     def __init__(self, client, cache: ResponseCache, *, concurrency: int, max_retries: int,
-                 retry_base_s: float, sleep: Callable[[float], None] = time.sleep):
-        self.client, self.cache = client, cache
+                 retry_base_s: float, sleep: Callable[[float], None] = time.sleep,
+                 budget: Budget | None = None):
+        self.client, self.cache, self.budget = client, cache, budget
         self.concurrency, self.max_retries, self.retry_base_s = concurrency, max_retries, retry_base_s
         self.sleep = sleep
 
@@ -97,10 +112,15 @@ class SyncBackend:
         import openai
 
         why = "not sent"
+        bound = self.budget.estimate(r) if self.budget else 0.0
         for attempt in range(self.max_retries + 1):
+            if self.budget and not self.budget.reserve(bound):
+                return CAP_REACHED
             try:
                 raw = self.client.chat.completions.with_raw_response.create(**r.body)
             except openai.APIError as e:
+                if self.budget:
+                    self.budget.release(bound)
                 fatal = _fatal(e)
                 if fatal:
                     raise fatal from None
@@ -112,10 +132,19 @@ class SyncBackend:
                     self.sleep(self._delay(attempt, e))
                 continue
             try:
-                self.cache.put(r.key, json.loads(raw.text))
+                body = json.loads(raw.text)
             except json.JSONDecodeError:
-                return "the server answered 200 with a body that is not JSON"
-            return None
+                body = None
+            if self.budget:  # a 200 is paid for, whatever it holds
+                self.budget.release(bound)
+                self.budget.pay(r.key, body, bound)
+            problem = "a body that is not JSON" if body is None else completion_problem(body)
+            if problem is None:
+                self.cache.put(r.key, body)
+                return None
+            why = f"the server answered 200 with {problem}"
+            if attempt < self.max_retries:
+                self.sleep(self._delay(attempt, RuntimeError(why)))
         return f"{why} (after {self.max_retries + 1} attempts)"
 
     def send(self, requests: list[Request], desc: str) -> Outcome:
@@ -194,8 +223,8 @@ class BatchBackend:
 
     def __init__(self, client, cache: ResponseCache, state: BatchState, *, base_url: str,
                  poll_s: float, max_rounds: int, batch_id: str = "",
-                 sleep: Callable[[float], None] = time.sleep):
-        self.client, self.cache, self.state = client, cache, state
+                 sleep: Callable[[float], None] = time.sleep, budget: Budget | None = None):
+        self.client, self.cache, self.state, self.budget = client, cache, state, budget
         self.base_url, self.poll_s, self.max_rounds = base_url.rstrip("/"), poll_s, max_rounds
         self.batch_id, self.sleep = batch_id, sleep
         self._named_done = False  # interpret.batch_id is waited for once per run
@@ -203,17 +232,37 @@ class BatchBackend:
     # -- one batch -------------------------------------------------------------------
 
     def _submit(self, requests: list[Request], desc: str) -> dict[str, set[str] | None]:
+        import openai
+
         created: dict[str, set[str] | None] = {}
         for chunk in _chunks(requests):
+            if self.budget:
+                self.budget.check_requests(chunk, f"a batch of {len(chunk)} {desc} requests")
             data = ("\n".join(r.batch_line() for r in chunk) + "\n").encode("utf-8")
             f = self.client.files.create(file=("saelab-interpret.jsonl", data), purpose="batch")
-            batch = self.client.batches.create(
-                input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
-                metadata={"source": "saelab interpret", "what": desc[:500]})
             keys = [r.key for r in chunk]
-            self.state.add(batch.id, {"base_url": self.base_url, "input_file_id": f.id,
-                                      "created_at": int(time.time()), "what": desc,
-                                      "keys": keys})
+            entry = {"base_url": self.base_url, "input_file_id": f.id,
+                     "created_at": int(time.time()), "what": desc, "keys": keys}
+            # Recorded before the batch exists: if creating it times out, the API may have
+            # created it anyway, and the rerun finds it by its input file instead of paying
+            # for the same requests again.
+            pending = PENDING + f.id
+            self.state.add(pending, entry)
+            try:
+                batch = self.client.batches.create(
+                    input_file_id=f.id, endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                    metadata={"source": "saelab interpret", "what": desc[:500]})
+            except (openai.APIConnectionError, openai.InternalServerError) as e:
+                batch = self._batch_of_file(f.id)
+                if batch is None:
+                    raise SaelabError(
+                        f"creating the batch for input file {f.id} failed ({e}); the API may "
+                        "still create it, so it is recorded: rerun, and the rerun takes that "
+                        "batch if it exists instead of submitting the requests again") from None
+                log.warning("creating a batch timed out, but the API made it: %s", batch.id)
+            self.state.add(batch.id, entry)
+            self.state.remove(pending)
             log.info("submitted batch %s (%d requests, %s); a crashed run picks it up by id",
                      batch.id, len(chunk), desc)
             created[batch.id] = set(keys)
@@ -239,6 +288,13 @@ class BatchBackend:
                     log.warning("skipping a malformed line in batch file %s", file_id)
         return out
 
+    def _batch_of_file(self, file_id: str):
+        """The batch made from input file `file_id`, if the API has one."""
+        for batch in self.client.batches.list(limit=100):
+            if batch.input_file_id == file_id:
+                return batch
+        return None
+
     def _collect(self, batch, outcome: Outcome, permanent: set[str]) -> None:
         """Cache a finished batch's answers; note its failures; forget the batch."""
         if batch.status == "failed" and not batch.output_file_id:
@@ -253,12 +309,21 @@ class BatchBackend:
                 continue
             response = line.get("response") or {}
             status = response.get("status_code")
-            if status == 200 and isinstance(response.get("body"), dict):
-                self.cache.put(key, response["body"])
-                outcome.sent += 1
-                outcome.failed.pop(key, None)
+            body = response.get("body")
+            if status == 200:
+                if self.budget:
+                    self.budget.pay(key, body)
+                problem = completion_problem(body)
+                if problem is None:
+                    self.cache.put(key, body)
+                    outcome.sent += 1
+                    outcome.failed.pop(key, None)
+                else:  # resubmitted in the next round, like an expired request
+                    outcome.failed[key] = f"200 with {problem}"
                 continue
-            error = line.get("error") or (response.get("body") or {}).get("error") or {}
+            error = line.get("error") or (body if isinstance(body, dict) else {}).get("error") or {}
+            if not isinstance(error, dict):
+                error = {"message": str(error)}
             outcome.failed[key] = f"{status or error.get('code', 'error')}: {error.get('message', '')}"
             if status is not None and not _retryable(status):
                 permanent.add(key)
@@ -300,6 +365,17 @@ class BatchBackend:
         import openai
 
         recorded = self._recorded()
+        for name in [n for n in recorded if n.startswith(PENDING)]:
+            entry = recorded.pop(name)
+            batch = self._batch_of_file(entry["input_file_id"])
+            self.state.remove(name)
+            if batch is None:
+                log.info("the batch an earlier run was creating from %s was never made",
+                         entry["input_file_id"])
+                continue
+            log.info("found batch %s, whose creation timed out in an earlier run", batch.id)
+            self.state.add(batch.id, entry)
+            recorded[batch.id] = entry
         if self.batch_id and not self._named_done and self.batch_id not in recorded:
             recorded[self.batch_id] = {"keys": None}  # named by the user: wait for it whole
         self._named_done = True
@@ -329,7 +405,7 @@ class BatchBackend:
         (it waited for all that did), e.g. after a crash and a change of params. Cancel them
         to stop paying; their finished part is collected by the next run."""
         for bid in self._recorded():
-            if bid == self.batch_id:
+            if bid == self.batch_id or bid.startswith(PENDING):
                 continue
             batch = self.client.batches.retrieve(bid)
             if batch.status not in _TERMINAL and batch.status != "cancelling":

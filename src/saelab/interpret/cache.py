@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core.atomic import read_json, sweep_dead_writers, write_text
+
+log = logging.getLogger(__name__)
 
 
 def canonical(obj: Any) -> str:
@@ -41,9 +44,34 @@ class Request:
                           "url": "/v1/chat/completions", "body": self.body})
 
 
+def completion_problem(response: Any) -> str | None:
+    """What keeps `response` from being a usable chat completion (every choice a message
+    with text), or None. A server can answer 200 with an error body, no choices, or a list:
+    such an answer is retried, never cached."""
+    if not isinstance(response, dict):
+        return f"a JSON {type(response).__name__}, not an object"
+    if response.get("error"):
+        error = response["error"]
+        return "an error body: " + str(error.get("message") if isinstance(error, dict)
+                                       else error)[:200]
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "no choices"
+    for c in choices:
+        message = c.get("message") if isinstance(c, dict) else None
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return "a choice without message text"
+    return None
+
+
 class ResponseCache:
+    """Well-formed completions only: `put` refuses anything else, and `get` treats an entry
+    that is not one (written by an older saelab that cached whatever came back) as missing,
+    so it is asked again and overwritten."""
+
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
+        self.ignored: set[str] = set()  # poisoned entries met in this run
         if self.dir.is_dir():
             sweep_dead_writers(self.dir)
 
@@ -52,9 +80,21 @@ class ResponseCache:
 
     def get(self, key: str) -> dict[str, Any] | None:
         # A torn file from a killed writer reads as missing.
-        return read_json(self._path(key))
+        response = read_json(self._path(key))
+        if response is None:
+            return None
+        if problem := completion_problem(response):
+            if key not in self.ignored:
+                self.ignored.add(key)
+                log.warning("ignoring cached response %s (%s): it will be requested again",
+                            self._path(key), problem)
+            return None
+        return response
 
     def put(self, key: str, response: dict[str, Any]) -> None:
+        if problem := completion_problem(response):
+            raise ValueError(f"not caching a malformed response ({problem})")
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps(response, ensure_ascii=False))
+        self.ignored.discard(key)

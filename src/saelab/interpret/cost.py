@@ -4,14 +4,18 @@ Input tokens are counted with tiktoken's encoding for the model (o200k_base for 
 tiktoken downloads that file on first use; offline, or when the download hangs, we fall
 back to a labelled chars/4 estimate (tiktoken reads a pre-downloaded encoding from
 TIKTOKEN_CACHE_DIR, which gives exact counts offline). Output tokens are the requests' `max_tokens`: an
-upper bound, so the cap errs on the side of stopping.
+upper bound, so the cap errs on the side of stopping. What is actually paid is the `usage`
+each answer reports, booked in an on-disk ledger the moment it arrives.
 """
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..core.errors import SaelabError
@@ -112,29 +116,119 @@ def estimate(requests: Iterable[Request], counter: TokenCounter, prices: Prices)
     return Estimate(n, tin, tout, prices.usd(tin, tout), counter.method)
 
 
-def usage_usd(response: dict[str, Any], prices: Prices) -> float:
-    usage = response.get("usage") or {}
-    details = usage.get("prompt_tokens_details") or {}
-    return prices.usd(int(usage.get("prompt_tokens") or 0),
-                      int(usage.get("completion_tokens") or 0),
-                      int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0)
+def usage_usd(response: Any, prices: Prices) -> float | None:
+    """Dollars by the response's own `usage`, or None when it reports none."""
+    usage = response.get("usage") if isinstance(response, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    try:
+        details = usage.get("prompt_tokens_details")
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        return prices.usd(int(usage.get("prompt_tokens") or 0),
+                          int(usage.get("completion_tokens") or 0), cached)
+    except (TypeError, ValueError):
+        return None
+
+
+class Ledger:
+    """What every answer cost, per request key, appended to a JSONL file beside the response
+    cache: spending survives reruns (and crashes), so interpret.max_usd caps the total paid
+    for a set of requests over every run, not each run on its own."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._paid: dict[str, float] = defaultdict(float)
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                self._paid[str(entry["key"])] += float(entry["usd"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a killed writer
+
+    def spent(self, keys: Iterable[str]) -> float:
+        with self._lock:
+            return sum(self._paid.get(k, 0.0) for k in set(keys))
+
+    def record(self, key: str, usd: float) -> None:
+        line = json.dumps({"key": key, "usd": usd}) + "\n"
+        with self._lock:
+            self._paid[key] += usd
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One short append per answer: O_APPEND keeps lines whole across processes.
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
 
 
 class Budget:
-    """Dollars spent so far in this run against interpret.max_usd."""
+    """Dollars against interpret.max_usd: what earlier runs paid for this run's requests
+    (the ledger) plus what this run pays, booked from each answer's `usage` as it arrives.
+    Each request reserves its upper-bound estimate before it is sent, so requests in
+    flight together can never take the total past the cap by their estimates."""
 
-    def __init__(self, max_usd: float, prices: Prices):
-        self.max_usd, self.prices, self.spent = max_usd, prices, 0.0
+    def __init__(self, max_usd: float, prices: Prices, ledger: Ledger | None = None,
+                 keys: Iterable[str] = (), counter: TokenCounter | None = None):
+        self.max_usd, self.prices, self.ledger, self.counter = max_usd, prices, ledger, counter
+        self.prior = ledger.spent(keys) if ledger is not None else 0.0
+        self.spent = 0.0  # this run
+        self.reserved = 0.0
+        self.refused = 0  # requests not sent because the cap was reached
+        self._lock = threading.Lock()
+
+    @property
+    def total(self) -> float:
+        return self.prior + self.spent
 
     def check(self, planned: Estimate, what: str) -> None:
-        """Stop before sending `planned` if it could take the run past the cap."""
-        if self.spent + planned.usd > self.max_usd:
+        """Stop before sending `planned` if it could take the total past the cap."""
+        if self.total + planned.usd > self.max_usd:
             raise SaelabError(
                 f"{what} would cost up to ${planned.usd:.4f} ({planned.describe()}); with "
-                f"${self.spent:.4f} already spent that exceeds interpret.max_usd = "
-                f"${self.max_usd:.2f}. Raise interpret.max_usd, lower interpret.n_latents "
-                "or the example counts, use interpret.backend=openai-batch for the batch "
-                "discount, or interpret.backend=none to write the request file only")
+                f"${self.total:.4f} already spent on these requests (this and earlier runs) "
+                f"that exceeds interpret.max_usd = ${self.max_usd:.2f}. Raise "
+                "interpret.max_usd, lower interpret.n_latents or the example counts, use "
+                "interpret.backend=openai-batch for the batch discount, or "
+                "interpret.backend=none to write the request file only")
 
-    def add(self, response: dict[str, Any]) -> None:
-        self.spent += usage_usd(response, self.prices)
+    def check_requests(self, requests: list[Request], what: str) -> None:
+        if self.counter:
+            self.check(estimate(requests, self.counter, self.prices), what)
+
+    def estimate(self, request: Request) -> float:
+        return estimate([request], self.counter, self.prices).usd if self.counter else 0.0
+
+    def reserve(self, usd: float) -> bool:
+        """Hold `usd` for a request about to be sent; False (and it is not sent) when that
+        could pass the cap."""
+        with self._lock:
+            if self.total + self.reserved + usd > self.max_usd:
+                self.refused += 1
+                return False
+            self.reserved += usd
+            return True
+
+    def release(self, usd: float) -> None:
+        with self._lock:
+            self.reserved -= usd
+
+    def pay(self, key: str, response: Any, fallback_usd: float = 0.0) -> None:
+        """Book an answer (well-formed or not: a 200 is paid for) by its `usage`, or by
+        `fallback_usd` (the request's upper bound) when it reports none."""
+        usd = usage_usd(response, self.prices)
+        usd = fallback_usd if usd is None else usd
+        with self._lock:
+            self.spent += usd
+        if self.ledger is not None:
+            self.ledger.record(key, usd)
+
+    def exhausted_error(self) -> SaelabError:
+        where = self.ledger.path if self.ledger else "this run"
+        return SaelabError(
+            f"interpret.max_usd = ${self.max_usd:.2f} is reached: ${self.total:.4f} paid for "
+            f"these requests over all runs (answers' usage, in {where}); "
+            f"{self.refused} request(s) were not sent. The answers so far are cached; raise "
+            "interpret.max_usd to finish")

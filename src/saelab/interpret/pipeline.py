@@ -22,9 +22,10 @@ from ..core.atomic import sweep_dead_writers, write_text
 from ..core.config import InterpretCfg
 from ..core.errors import SaelabError
 from ..core.tracking import log_artifact, log_metrics, repo_root
-from .backends import BatchBackend, BatchState, SyncBackend, make_client, request_file_lines
+from .backends import (CAP_REACHED, BatchBackend, BatchState, SyncBackend, make_client,
+                       request_file_lines)
 from .cache import Request, ResponseCache
-from .cost import Budget, Estimate, Prices, TokenCounter, estimate, token_counter
+from .cost import Budget, Estimate, Ledger, Prices, TokenCounter, estimate, token_counter
 from .models import Explainer, explainer
 from .decode import activation_mask, highlight, render
 from .prompts import explain_body, parse_explanation
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # In-flight batches of this workspace (not the shared cache's root: parallel queued
 # experiments would otherwise take each other's batches for stale ones and cancel them).
 STATE_FILE = paths.STATE_DIR / "interpret" / "batches.json"
+LEDGER = "ledger.jsonl"  # beside the cached answers it paid for
 
 
 def _explain_request(s: LatentSamples, table: list[bytes], cfg: InterpretCfg,
@@ -142,22 +144,28 @@ class _Sender:
             self.backend = BatchBackend(client, cache, BatchState(STATE_FILE),
                                         base_url=cfg.base_url, poll_s=cfg.poll_s,
                                         max_rounds=cfg.max_retries, batch_id=cfg.batch_id,
-                                        sleep=sleep)
+                                        sleep=sleep, budget=budget)
         else:
             self.backend = SyncBackend(client, cache, concurrency=cfg.concurrency,
                                        max_retries=cfg.max_retries,
-                                       retry_base_s=cfg.retry_base_s, sleep=sleep)
+                                       retry_base_s=cfg.retry_base_s, sleep=sleep,
+                                       budget=budget)
+        self.base_url = cfg.base_url
 
     def send(self, todo: list[Request], what: str) -> None:
         self.budget.check(estimate(todo, self.counter, self.budget.prices), what)
         outcome = self.backend.send(todo, what)
         self.sent += outcome.sent
-        for r in todo:
-            got = self.cache.get(r.key)
-            if got is not None:
-                self.budget.add(got)
+        if any(why == CAP_REACHED for why in outcome.failed.values()):
+            raise self.budget.exhausted_error()
         if outcome.failed:
             first = next(iter(outcome.failed.values()))
+            if not outcome.sent and len(outcome.failed) == len(todo):
+                # Exit non-zero, so DVC does not record the stage as done with no answers.
+                raise SaelabError(
+                    f"all {len(todo)} {what} requests failed (e.g. {first}); check that the "
+                    f"server at interpret.base_url = {self.base_url or 'OpenAI'!r} is up and "
+                    "answers chat completions, then rerun (paid answers are cached)")
             log.warning("%d %s requests got no answer (e.g. %s); rerun to retry them",
                         len(outcome.failed), what, first)
 
@@ -174,8 +182,9 @@ def _plan(live: list[LatentResult], explain: dict[int, Request], table: list[byt
         _parse(probe, cache.get(explain[r.latent].key), cfg.max_words)
         scoring += [p.request for p in
                     _score_prompts(r, probe.explanation or stand_in, table, cfg, llm, seed)]
+    keys = {r.key for r in explain.values()} | {r.key for r in scoring}
     return (estimate(_uncached(list(explain.values()), cache), counter, prices)
-            + estimate(_uncached(scoring, cache), counter, prices))
+            + estimate(_uncached(scoring, cache), counter, prices)), keys
 
 
 def estimate_all(samples: list[LatentSamples], table: list[bytes], cfg: InterpretCfg, *,
@@ -185,7 +194,7 @@ def estimate_all(samples: list[LatentSamples], table: list[bytes], cfg: Interpre
     live = [LatentResult(s) for s in samples if not s.skipped]
     explain = {r.latent: _explain_request(r.samples, table, cfg, llm) for r in live}
     return _plan(live, explain, table, cfg, llm, seed, _NothingCached(), counter,
-                 llm.prices(batch=batch))
+                 llm.prices(batch=batch))[0]
 
 
 class _NothingCached:
@@ -274,7 +283,7 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
     explain = {r.latent: _explain_request(r.samples, table, cfg, llm) for r in live}
     request_file = out_dir / "requests.jsonl"
     write_text(request_file, request_file_lines(explain.values()))
-    plan = _plan(live, explain, table, cfg, llm, seed, cache, counter, prices)
+    plan, plan_keys = _plan(live, explain, table, cfg, llm, seed, cache, counter, prices)
     cost: dict[str, Any] = {
         "token_count_method": plan.method, "token_count_exact": counter.exact,
         "estimated_input_tokens": plan.input_tokens,
@@ -293,10 +302,13 @@ def run_interpret(samples: list[LatentSamples], table: list[bytes], cfg: Interpr
                  len(explain), request_file, plan.usd, batch_usd, plan.describe())
     else:
         log.info("interpret plan: %s", plan.describe())
-        budget = Budget(cfg.max_usd, prices)
+        # The ledger covers this run's request set: what earlier runs paid for the same
+        # requests counts against the cap, what other request sets paid does not.
+        budget = Budget(cfg.max_usd, prices, Ledger(cache.dir / LEDGER), plan_keys, counter)
         budget.check(plan, "this run")
         sender = _Sender(cfg, cache, budget, counter, sleep)
         scoring = _explain_and_score(live, explain, table, cfg, llm, seed, sender, cache)
         write_text(request_file, request_file_lines(list(explain.values()) + scoring))
-        cost.update(spent_usd=budget.spent, requests_sent=sender.sent)
+        cost.update(spent_usd=budget.spent, spent_usd_total=budget.total,
+                    requests_sent=sender.sent)
     return _write_outputs(results, table, cfg, llm, cost, out_dir, Path(metrics_path))

@@ -15,7 +15,7 @@ from ..core.config import Params
 from ..core.errors import SaelabError
 from ..core.runtime import resolve_device
 from ..core.stage import run_stage
-from .backends import api_key
+from .backends import api_key, check_base_url
 from .decode import token_bytes_table
 from .latents import (SAMPLE_PER_WINDOW, SILENT_POOL_WINDOWS, STRONGEST_PER_WINDOW,
                       SilentPool, fill_window_acts, pool_for, position_ids, scan)
@@ -45,8 +45,10 @@ def _run(params: Params) -> None:
     llm = explainer(cfg)  # a retired model or a missing key stops before the store pass
     if cfg.backend != "none":
         api_key()
+        check_base_url(cfg.base_url)
     device = resolve_device(params)
     store = ActivationStore(paths.ACTIVATIONS_DIR)
+    store.check()
     sae = load_sae(paths.SAE_DIR, device)
     table = token_bytes_table(_tokenizer())
 

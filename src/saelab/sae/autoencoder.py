@@ -28,6 +28,7 @@ from ..core import atomic
 from ..core.atomic import atomic_path, sha256_file
 from ..core.config import SAECfg
 from ..core.errors import SaelabError
+from ..core.integrity import seal
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -380,22 +381,26 @@ def export_sae(sae: SAE, out_dir: Path, *, scale: float, meta: dict[str, Any]) -
     atomic.write_text(out_dir / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
     files = {n: {"sha256": sha256_file(out_dir / n), "bytes": (out_dir / n).stat().st_size}
              for n in (WEIGHTS_FILE, CFG_FILE)}
-    atomic.write_text(out_dir / MANIFEST_FILE,
-                      json.dumps({"format": "saelab-sae/1", "files": files}, indent=1) + "\n")
+    atomic.write_text(out_dir / MANIFEST_FILE, json.dumps(
+        seal({"format": "saelab-sae/1", "files": files}), indent=1) + "\n")
     return out_dir
 
 
 def load_sae(path: Path, device: str | torch.device = "cpu") -> SAE:
     """Load an exported SAE (it takes raw activations: the scale is folded in)."""
+    from .export_check import sae_problems
+
     path = Path(path)
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise SaelabError(f"{path} holds no exported SAE ({CFG_FILE} + {WEIGHTS_FILE}); "
                           "run the train_sae stage first")
+    if problems := sae_problems(path):
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SaelabError(f"the SAE in {path} is damaged: {problems[0]}{more}; run `saelab "
+                          "verify` to list every problem, then restore it (`dvc checkout "
+                          f"{path}`) or export it again (`dvc repro -f train_sae`)")
     cfg = json.loads((path / CFG_FILE).read_text(encoding="utf-8"))
-    arch = cfg.get("architecture")
-    if arch not in ("jumprelu", "topk"):
-        raise SaelabError(f"{path / CFG_FILE}: architecture {arch!r} is not supported; "
-                          "expected jumprelu or topk")
+    arch = cfg["architecture"]
     # Exports are in unit form (norms folded into the encoder): load them as such.
     sae_cfg = dataclasses.replace(SAECfg(), architecture=arch, d_sae=cfg["d_sae"],
                                   theta_param="raw", decoder_norm="unit",

@@ -463,6 +463,8 @@ def _run(params) -> None:
     n_tokens, tokens_source = resolve_tokens(cfg, paths.BUDGET_JSON)
     store = ActivationStore(paths.ACTIVATIONS_DIR) if (
         not cfg.stream or (paths.ACTIVATIONS_DIR / "manifest.json").is_file()) else None
+    if store is not None:
+        store.check(full=True)  # hashing is < 2% of training at any profile (store.py)
 
     have_model = (paths.MODEL_DIR / "config.json").is_file()
     model = tokenizer = None

@@ -556,7 +556,8 @@ def caveats(params: Params) -> list[str]:
 
 def _run(params: Params) -> None:
     budget = write_budget(params)
-    ActivationStore(paths.ACTIVATIONS_DIR)  # a missing or unfinished store fails here, once
+    # A missing, unfinished or damaged store fails here, once, before any pilot trains.
+    ActivationStore(paths.ACTIVATIONS_DIR).check()
     rows = run_grid(params)
     result = fit_pilots(rows, params.scaling, d_sae=params.sae.d_sae,
                         n_tokens=int(budget["tokens"]), real_d_sae=params.budget.d_sae,

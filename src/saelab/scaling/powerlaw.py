@@ -297,6 +297,9 @@ def best_lr_parabola(lrs: Sequence[float], losses: Sequence[float], *, neighbour
     lr, loss = lr[order], loss[order]
     sig = None if sigma is None else np.asarray(sigma, dtype=float).ravel()[order]
     finite = np.isfinite(loss)
+    if len(lr) < 3:
+        raise FitError(f"scaling.lr_grid has {len(lr)} learning rate(s) {lr.tolist()}: a "
+                       "parabola in log lr needs at least 3; add learning rates around it")
     if finite.sum() < 3:
         raise FitError(f"only {int(finite.sum())} finite losses over learning rates "
                        f"{lr.tolist()}: a parabola needs 3; the others diverged. Add smaller "
