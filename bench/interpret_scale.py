@@ -172,8 +172,8 @@ def main() -> None:
         print(f"| {k} | {v:.1f} |")
     print(f"\nscan encode: {flops * store.n_tokens:.2e} FLOPs here; "
           f"{flops * PROFILE_STORE_TOKENS:.2e} for the profile's {PROFILE_STORE_TOKENS:,} "
-          f"stored tokens ({flops * PROFILE_STORE_TOKENS / 989e12 / 60:.1f} min at an "
-          "H100's bf16 peak; the scan is the only step that grows with the store)")
+          f"stored tokens ({flops * PROFILE_STORE_TOKENS / 989e12:.1f} s at an H100's bf16 "
+          "peak; the scan is the only step that grows with the store)")
     print(f"memory: samples kept by the scan {found.nbytes / 2**20:.0f} MiB for "
           f"{len(pool):,} latents ({found.top_idx.shape[1]} strongest + "
           f"{found.sample_idx.shape[1]} sampled hits each, 12 bytes per entry; independent of "

@@ -137,22 +137,23 @@ def scan(store, sae, pool: np.ndarray, *, n_strongest: int, n_sample: int,
 
 
 class ColumnEncoder:
-    """Activation of latent latents[i] at input x[i], computed for that latent alone: a
-    dot product with its encoder column (rows of a transposed copy, gathered cheaply)."""
+    """Activations of given latents at given inputs, computed for those latents alone: the
+    inputs times their encoder columns (a [tokens, latents] product, not all d_sae)."""
 
     def __init__(self, sae):
         W_enc, b_enc = sae.encoder()
-        self.rows = W_enc.t().contiguous()  # [d_sae, d_in]
+        self.rows = W_enc.t().contiguous()  # [d_sae, d_in]: a latent's column, gathered cheaply
         self.bias = b_enc - sae.b_dec @ W_enc
         self.topk = sae.arch == "topk"
         self.theta = None if self.topk else sae.threshold
 
-    def __call__(self, x: torch.Tensor, latents: torch.Tensor,
-                 kth: torch.Tensor | None) -> torch.Tensor:
-        pre = (x * self.rows.index_select(0, latents)).sum(1) + self.bias[latents]
+    def __call__(self, x: torch.Tensor, latents: torch.Tensor, row: torch.Tensor,
+                 col: torch.Tensor, kth: torch.Tensor | None) -> torch.Tensor:
+        """Activation of latents[col[i]] at x[row[i]], for every i."""
+        pre = (x @ self.rows.index_select(0, latents).t())[row, col] + self.bias[latents][col]
         if self.topk:
             return torch.where(pre > kth, pre.relu(), torch.zeros_like(pre))
-        return torch.where(pre > self.theta[latents], pre, torch.zeros_like(pre))
+        return torch.where(pre > self.theta[latents][col], pre, torch.zeros_like(pre))
 
 
 def position_ids(store) -> np.ndarray:
@@ -185,15 +186,20 @@ def fill_window_acts(samples: list[LatentSamples], store, sae, pos_ids: np.ndarr
     for k, (_, w) in enumerate(windows):
         w.acts = flat[starts[k]:starts[k + 1]]
     slots = np.flatnonzero(ids >= 0)  # BOS and excluded positions stay 0
-    slots = slots[np.argsort(ids[slots], kind="stable")]
+    # By latent, then token: a chunk holds few latents, so its activations are one small
+    # product of the chunk's distinct tokens with those latents' columns.
+    slots = slots[np.lexsort((ids[slots], lat[slots]))]
     with torch.no_grad():
         column_acts = ColumnEncoder(sae)
         for c in range(0, len(slots), PAIR_CHUNK):
             sel = slots[c:c + PAIR_CHUNK]
-            uniq, inv = np.unique(ids[sel], return_inverse=True)
-            x = store.gather(uniq, normalise=False).to(device)[torch.as_tensor(inv, device=device)]
+            toks, row = np.unique(ids[sel], return_inverse=True)
+            lats, col = np.unique(lat[sel], return_inverse=True)
+            x = store.gather(toks, normalise=False).to(device)
             kt = None if kth is None else torch.as_tensor(kth[ids[sel]], device=device)
-            flat[sel] = column_acts(x, torch.as_tensor(lat[sel], device=device), kt).cpu().numpy()
+            flat[sel] = column_acts(x, torch.as_tensor(lats, device=device),
+                                    torch.as_tensor(row, device=device),
+                                    torch.as_tensor(col, device=device), kt).cpu().numpy()
 
 
 class SilentPool:
