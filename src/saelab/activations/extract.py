@@ -343,7 +343,7 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
 def _produce(writer: StoreWriter, source: ActivationSource, blocks: Iterator,
              cfg: ExtractCfg, device: torch.device, depth: int) -> None:
     """Forward blocks until the writer has enough; at most `depth` batches wait for it."""
-    from tqdm import tqdm
+    from ..core.progress import Progress
 
     store_dtype = STORE_DTYPES[cfg.store_dtype][1]
     copies = _HostCopies(device, rows_per_batch(cfg.batch_tokens, cfg.context_len)
@@ -352,8 +352,8 @@ def _produce(writer: StoreWriter, source: ActivationSource, blocks: Iterator,
     need = cfg.n_tokens - writer.tokens_done + writer.resume_skip
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="saelab-writer") as pool, \
-            tqdm(total=cfg.n_tokens, initial=writer.tokens_done, unit="tok", unit_scale=True,
-                 disable=None, desc="extract") as bar:
+            Progress("extract", cfg.n_tokens, initial=writer.tokens_done, unit="token",
+                     rate_unit="tokens") as bar:
         for first_row, block in blocks:
             batch = source(block, first_row)
             with torch.no_grad():
