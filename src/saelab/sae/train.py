@@ -94,9 +94,9 @@ class _Objective(nn.Module):
 
 
 def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    from ..core.runtime import rank_world
+
+    return rank_world()
 
 
 def _fingerprint(cfg: SAECfg, **extra) -> str:
@@ -456,34 +456,17 @@ def check_epochs(cfg: SAECfg, n_tokens: int, tokens_source: str, store) -> float
     return passes
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the torchrun process group (nccl on GPUs, gloo on CPUs); (rank, world).
-
-    Under torchrun even a single process joins and trains through DDP, so a 1-process run
-    exercises the backend and gradient all-reduce that a many-GPU run relies on.
-    """
-    import os
-
-    if "MASTER_ADDR" in os.environ and "RANK" in os.environ and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        log.info("joined the %s process group: rank %d of %d", dist.get_backend(),
-                 dist.get_rank(), dist.get_world_size())
-    return _dist()
-
-
 def _run(params) -> None:
     import shutil
 
     from ..core import paths
-    from ..core.runtime import compute_dtype, resolve_device, seed_everything
+    from ..core.runtime import compute_dtype, init_distributed, resolve_device, seed_everything
     from ..activations.store import ActivationStore
     from ..core.tracking import log_metrics, log_params, set_tags
 
     cfg, seed = params.sae, params.run.seed
     device = resolve_device(params)
-    rank, world = _init_distributed(device)
+    rank, world = init_distributed(device)
     seed_everything(seed)
     lr, lr_source = resolve_lr(cfg, paths.FIT_JSON)
     n_tokens, tokens_source = resolve_tokens(cfg, paths.BUDGET_JSON)
