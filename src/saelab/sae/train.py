@@ -447,12 +447,13 @@ def check_epochs(cfg: SAECfg, n_tokens: int, tokens_source: str, store) -> float
     passes = store_passes(cfg.batch_size, n_tokens, store.n_tokens)
     if passes > cfg.max_epochs:
         need = estimate_bytes(n_tokens, store.d, store.dtype, store.context_len)
+        size = f"{need / 1e12:.1f} TB" if need >= 1e12 else f"{need / 1e9:.2f} GB"
         raise SaelabError(
             f"training on {n_tokens} tokens ({tokens_source}) would pass {passes:.1f} times "
             f"over the {store.n_tokens} stored activations, more than sae.max_epochs = "
             f"{cfg.max_epochs:g}. Train on fresh tokens streamed from the model "
             f"(sae.stream = true, over a corpus holding {n_tokens} tokens), or extract more "
-            f"(extract.n_tokens = {n_tokens}: about {need / 1e9:,.1f} GB of store)")
+            f"(extract.n_tokens = {n_tokens}: a store of about {size})")
     return passes
 
 
