@@ -423,7 +423,7 @@ def step_stream(env: Env) -> dict[str, Any]:
                                         batch_tokens=ext.batch_tokens, device=env.device,
                                         exclude_ids=special_token_ids(env.tokenizer)):
             yield batch.acts
-    scale = stream_scale(acts())
+    scale = stream_scale(acts(), min(65_536, sz.stream_buffer))
     cfg = dataclasses.replace(SAECfg(), d_sae=sz.d_sae, batch_size=sz.batch,
                               shuffle_buffer=sz.stream_buffer, lr_warmup_steps=10,
                               l0_warmup_steps=10, log_every=50)
@@ -465,7 +465,8 @@ def step_stream_budget(env: Env) -> dict[str, Any]:
         return stream_activations(model, rows, layer=ext.layer, hook=ext.hook,
                                   batch_tokens=ext.batch_tokens, device=env.device,
                                   exclude_ids=special_token_ids(env.tokenizer))
-    scale = stream_scale(b.acts for b in forwards())
+    # The scale from one buffer's worth at most (the stage uses 65,536 vectors).
+    scale = stream_scale((b.acts for b in forwards()), min(65_536, sz.stream_buffer))
     steps = sz.stream_fills * sz.stream_buffer // sz.batch
 
     def run() -> None:
@@ -512,10 +513,12 @@ def _extract_rank(rank: int, world: int, init: str, sizes: Sizes, ext, out: str,
         logger = logging.getLogger("saelab.activations.extract")
         logger.setLevel(logging.INFO)
         logger.addFilter(lambda rec: lines.append(rec.getMessage()) or True)
-        texts = extract_bench.load_texts(sizes.docs)
+        texts, tokenizer = extract_bench.load_texts(sizes.docs), load_llama3_tokenizer()
+        with torch.no_grad():  # start-up costs (kernels, allocator) are no one's throughput
+            model(torch.ones(1, 64, dtype=torch.long, device=device))
         dist.barrier()
         t0 = time.perf_counter()
-        extract_store(model, load_llama3_tokenizer(), texts, ext, Path(out), device=device,
+        extract_store(model, tokenizer, texts, ext, Path(out), device=device,
                       inputs={"bench": "gpu.py ranks"})
         Path(f"{result}.{rank}").write_text(json.dumps({
             "seconds": time.perf_counter() - t0,
@@ -542,9 +545,10 @@ def step_extract_ranks(env: Env) -> dict[str, Any]:
         inputs={"bench": "gpu.py ranks"}))
     result = env.workdir / "ranks-result"
     t0 = time.perf_counter()
-    mp.spawn(_extract_rank, args=(world, str(env.workdir / "ranks-init"), env.sizes, ext,
-                                  str(ranks_dir), str(result), env.cuda),
-             nprocs=world, join=True)
+    # CUDA needs fresh processes; on CPU forking skips re-importing torch in each rank.
+    mp.start_processes(_extract_rank, args=(world, str(env.workdir / "ranks-init"), env.sizes,
+                                            ext, str(ranks_dir), str(result), env.cuda),
+                       nprocs=world, join=True, start_method="spawn" if env.cuda else "fork")
     wall = time.perf_counter() - t0
     per = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(world)]
     s_ranks = max(p["seconds"] for p in per)

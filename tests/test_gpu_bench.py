@@ -126,7 +126,9 @@ def test_budget_shows_hours_at_gpu_rates(dry_run, tmp_path):
     results["machine"].update(dry_run=False, gpu="NVIDIA H200")
     results["steps"]["projection"]["figures"]["measured_tokens_per_s"] = {"streaming": 3.5e5}
     path.write_text(json.dumps(results))
-    out = budget_cli(REPO / "params.yaml", path)
+    # The budget is the current profile's: the 1B's 2.1e9 tokens.
+    llama = compose_params(["profile=llama-3.2-1b"], root=REPO, output=tmp_path / "p.yaml")
+    out = budget_cli(llama, path)
     assert "| NVIDIA H200: streaming | 350,000 | 1.7 |" in out  # 2.1e9 / 3.5e5 / 3600 h
     assert "measured rates:" in out
 
