@@ -76,7 +76,9 @@ def _worker(rank, world, init_file, root):
 def one(root):
     """The one-process store, then both jobs on two gloo processes (one spawn)."""
     manifest = _extract(root, root / "acts-1")
-    mp.spawn(_worker, args=(2, str(root / "init"), root), nprocs=2, join=True)
+    # fork: the ranks start without re-importing torch and transformers (seconds each)
+    mp.start_processes(_worker, args=(2, str(root / "init"), root), nprocs=2, join=True,
+                       start_method="fork")
     return manifest
 
 
