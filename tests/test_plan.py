@@ -37,7 +37,9 @@ def _with(path, tmp_path, **sections):
 
 @pytest.mark.parametrize("gpu", ["H100", "H200"])
 def test_llama_plan_streams_the_budget_in_under_three_hours(llama_params, tmp_path, gpu):
-    p = make_plan(load_params(llama_params), gpu=gpu, root=tmp_path)
+    params = load_params(llama_params)
+    assert (params.data.source, params.data.fineweb2_config) == ("fineweb2", "spa_Latn")
+    p = make_plan(params, gpu=gpu, root=tmp_path)
     assert p["stream"] and p["train_tokens"] == 2.1e9 and p["passes"] is None
     train = next(s for s in p["stages"] if s["stage"] == "train_sae")
     # Forward to the hook (seed: 1.2e9 FLOP/token) + the SAE step (seed: 8.5e17 in all).
