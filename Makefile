@@ -4,13 +4,17 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEV     := $(VENV)/.installed-dev
+# GPU images carry a CUDA torch in the system Python, which a plain venv does not see:
+# `make install VENV_FLAGS=--system-site-packages` makes a venv that uses it.
+VENV_FLAGS ?=
 
 .PHONY: run test install gpu-wheels
 
 $(STAMP): requirements.lock pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# A local CPU wheel on dev machines; GPU images already carry a CUDA build.
+	# torch from PyPI only where none is importable: a venv made with
+	# VENV_FLAGS=--system-site-packages on a GPU image keeps the image's CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.lock
 	# Ships the real Llama-3.2 tokenizer files; its own pins (regex, pytest) break transformers and pytest.

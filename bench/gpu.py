@@ -18,6 +18,13 @@ recorded as such while the next one still runs:
               FLOP/token), peak memory; beside them a plain-PyTorch JumpReLU step (the
               same recipe, no saelab code) and SAELens's trainer where it is installed.
 4. stream     activations straight from the model into the trainer (sae.stream's path).
+4b. stream_budget  the same at the budget's settings through the production path (rows
+              dealt to sae.stream_lanes lanes, each with its shuffle buffer), against the
+              rate `saelab plan` predicts for this GPU; the hours for the 2.1 B tokens.
+4c. extract_ranks  extraction split over N ranks (one per GPU, nccl; on CPU 2 gloo
+              processes), each writing its part of the store, against one process: total
+              and per-rank tokens/s, the scaling, and whether the store bytes are the same.
+              Needs two or more GPUs; on one it records why it did not run.
 5. torchrun   the train_sae stage itself under `torchrun --nproc_per_node=1` (nccl on a
               GPU, gloo on CPU) on a tiny store; MLflow is used if installed, else
               SAELAB_TRACKING=off.
@@ -68,8 +75,10 @@ from saelab.activations.store import ActivationStore  # noqa: E402
 from saelab.core.config import BudgetCfg, Params, SAECfg, parse_params  # noqa: E402
 from saelab.core.errors import SaelabError  # noqa: E402
 from saelab.data.tokenizer import load_llama3_tokenizer  # noqa: E402
+from saelab.sae.streaming import lane_batches, resolve_lanes  # noqa: E402
 from saelab.sae.train import shuffled_batches, stream_scale, train  # noqa: E402
 from saelab.scaling.budget import compute_budget  # noqa: E402
+from saelab.scaling.plan import make_plan  # noqa: E402
 
 PEAK_FLOPS = 790e12  # H100/H200 dense bf16 matmul, measured (DESIGN §9)
 TARGETS = {  # issue 12, on an H200; reported, never asserted
@@ -105,19 +114,24 @@ class Sizes:
     train_steps: int
     stream_buffer: int    # shuffle buffer of the streaming step (vectors)
     stream_fills: int     # whole buffer fills timed
+    lanes: int            # sae.stream_lanes of the streaming-at-budget step
+    ranks_tokens: int     # the store the multi-rank extraction step writes
     time_box: dict[str, int]
 
 
 GPU_SIZES = Sizes(profile="llama-3.2-1b-random", context=1024, docs=6000, seed_docs=800,
                   producer_tokens=4_194_304, store_tokens=2_097_152, exact_rows=8,
                   d_sae=16384, batch=4096, train_steps=200, stream_buffer=1_048_576,
-                  stream_fills=2, time_box={"extract": 150, "exactness": 60, "train": 90,
-                                            "stream": 60, "torchrun": 120, "projection": 10})
+                  stream_fills=2, lanes=8, ranks_tokens=4_194_304,
+                  time_box={"extract": 150, "exactness": 60, "train": 90, "stream": 60,
+                            "stream_budget": 90, "extract_ranks": 150, "torchrun": 120,
+                            "projection": 10})
 DRY_SIZES = Sizes(profile="tiny", context=128, docs=60, seed_docs=16, producer_tokens=16_384,
                   store_tokens=8192, exact_rows=8, d_sae=512, batch=512, train_steps=10,
-                  stream_buffer=4096, stream_fills=2,
+                  stream_buffer=4096, stream_fills=2, lanes=2, ranks_tokens=4096,
                   time_box={"extract": 60, "exactness": 30, "train": 60, "stream": 30,
-                            "torchrun": 120, "projection": 10})
+                            "stream_budget": 30, "extract_ranks": 120, "torchrun": 120,
+                            "projection": 10})
 # The tiny store and SAE the torchrun smoke trains through the real stage.
 SMOKE = {"extract": {"context_len": 64, "n_tokens": 16384, "batch_tokens": 2048,
                      "shard_tokens": 4096},
@@ -409,7 +423,7 @@ def step_stream(env: Env) -> dict[str, Any]:
                                         batch_tokens=ext.batch_tokens, device=env.device,
                                         exclude_ids=special_token_ids(env.tokenizer)):
             yield batch.acts
-    scale = stream_scale(acts())
+    scale = stream_scale(acts(), min(65_536, sz.stream_buffer))
     cfg = dataclasses.replace(SAECfg(), d_sae=sz.d_sae, batch_size=sz.batch,
                               shuffle_buffer=sz.stream_buffer, lr_warmup_steps=10,
                               l0_warmup_steps=10, log_every=50)
@@ -426,6 +440,126 @@ def step_stream(env: Env) -> dict[str, Any]:
     env.rates["stream"] = rate
     return {"tokens": steps * sz.batch, "shuffle_buffer": sz.stream_buffer, "d_sae": sz.d_sae,
             "tok_s": rate, "peak_gib": peak, "seconds": s}
+
+
+# --- 4b. streaming at the budget's settings ---------------------------------------------
+
+def _plan_gpu(env: Env) -> str | None:
+    """The `saelab plan` GPU name of this device (None on CPU or an unlisted GPU)."""
+    name = torch.cuda.get_device_name() if env.cuda else ""
+    return next((g for g in ("H200", "H100", "A100", "RTX 4090") if g in name), None)
+
+
+def step_stream_budget(env: Env) -> dict[str, Any]:
+    """sae.stream's production path at the budget's d_sae, batch and shuffle buffer: rows
+    dealt to lanes (saelab.sae.streaming), a buffer per lane, the JumpReLU trainer."""
+    sz, ext, model = env.sizes, env.ext, env.model()
+    cfg = dataclasses.replace(env.params.sae, d_sae=sz.d_sae, batch_size=sz.batch,
+                              shuffle_buffer=sz.stream_buffer, stream=True,
+                              stream_lanes=sz.lanes, lr_warmup_steps=10, l0_warmup_steps=10,
+                              log_every=50, n_tokens=None)
+    lanes = resolve_lanes(cfg, 1)
+
+    def forwards():
+        rows = prefetch(token_rows(env.tokenizer, itertools.cycle(env.texts), ext.context_len))
+        return stream_activations(model, rows, layer=ext.layer, hook=ext.hook,
+                                  batch_tokens=ext.batch_tokens, device=env.device,
+                                  exclude_ids=special_token_ids(env.tokenizer))
+    # The scale from one buffer's worth at most (the stage uses 65,536 vectors).
+    scale = stream_scale((b.acts for b in forwards()), min(65_536, sz.stream_buffer))
+    steps = sz.stream_fills * sz.stream_buffer // sz.batch
+
+    def run() -> None:
+        batches = lane_batches(forwards(), rank=0, world=1, n_lanes=lanes,
+                               capacity=sz.stream_buffer // lanes,
+                               batch_size=sz.batch // lanes, seed=0, scale=scale)
+        train(cfg, batches, d_in=model.config.hidden_size, n_tokens=steps * sz.batch,
+              lr=7e-5, device=env.device, seed=0)
+    _, s, peak = env.timed(run)
+    rate = steps * sz.batch / s
+    env.rates["stream_budget"] = rate
+    gpu = _plan_gpu(env)
+    plan = make_plan(dataclasses.replace(env.params, sae=cfg), gpu=gpu or "H100", root=REPO,
+                     results=env.workdir / "none.json")
+    predicted = plan["predicted_train_tokens_per_s"]
+    return {"tokens": steps * sz.batch, "lanes": lanes, "shuffle_buffer": sz.stream_buffer,
+            "d_sae": sz.d_sae, "batch": sz.batch, "tok_s": rate, "peak_gib": peak,
+            "seconds": s, "budget_tokens": plan["budget_tokens"],
+            "budget_hours": plan["budget_tokens"] / rate / 3600, "plan_gpu": gpu,
+            "plan_tok_s": predicted if gpu else None,
+            "plan_over_measured": predicted / rate if gpu else None}
+
+
+# --- 4c. extraction over several ranks --------------------------------------------------
+
+def _extract_rank(rank: int, world: int, init: str, sizes: Sizes, ext, out: str,
+                  result: str, cuda: bool) -> None:
+    """One rank of step 4c (a spawned process): its part of the store, timed."""
+    import logging
+
+    import torch.distributed as dist
+
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}",
+                            rank=rank, world_size=world)
+    try:
+        params = profile_params(sizes.profile)
+        model = extract_bench.build_model(params.model, device, torch.bfloat16)
+        lines: list[str] = []  # the extractor's per-rank line (tokens, seconds, tokens/s)
+        logger = logging.getLogger("saelab.activations.extract")
+        logger.setLevel(logging.INFO)
+        logger.addFilter(lambda rec: lines.append(rec.getMessage()) or True)
+        texts, tokenizer = extract_bench.load_texts(sizes.docs), load_llama3_tokenizer()
+        with torch.no_grad():  # start-up costs (kernels, allocator) are no one's throughput
+            model(torch.ones(1, 64, dtype=torch.long, device=device))
+        dist.barrier()
+        t0 = time.perf_counter()
+        extract_store(model, tokenizer, texts, ext, Path(out), device=device,
+                      inputs={"bench": "gpu.py ranks"})
+        Path(f"{result}.{rank}").write_text(json.dumps({
+            "seconds": time.perf_counter() - t0,
+            "line": next((x for x in lines if x.startswith("stored")), "")}))
+    finally:
+        dist.destroy_process_group()
+
+
+def step_extract_ranks(env: Env) -> dict[str, Any]:
+    """The store written by N ranks against one process writing it alone."""
+    import torch.multiprocessing as mp
+
+    world = torch.cuda.device_count() if env.cuda else 2
+    if world < 2:
+        return {"ranks": world, "skipped": "one GPU: the multi-rank extraction needs two or "
+                                           "more (on CPU the dry run uses 2 gloo processes)"}
+    n = env.sizes.ranks_tokens
+    # Several forward batches and shards per rank, so rank boundaries fall inside batches.
+    ext = dataclasses.replace(env.ext, n_tokens=n, shard_tokens=max(n // (4 * world), 1),
+                              batch_tokens=min(env.ext.batch_tokens, n // 8))
+    one_dir, ranks_dir = env.workdir / "ranks-one", env.workdir / "ranks"
+    one, s_one, _ = env.timed(lambda: extract_store(
+        env.model(), env.tokenizer, env.texts, ext, one_dir, device=env.device,
+        inputs={"bench": "gpu.py ranks"}))
+    result = env.workdir / "ranks-result"
+    t0 = time.perf_counter()
+    # CUDA needs fresh processes; on CPU forking skips re-importing torch in each rank.
+    mp.start_processes(_extract_rank, args=(world, str(env.workdir / "ranks-init"), env.sizes,
+                                            ext, str(ranks_dir), str(result), env.cuda),
+                       nprocs=world, join=True, start_method="spawn" if env.cuda else "fork")
+    wall = time.perf_counter() - t0
+    per = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(world)]
+    s_ranks = max(p["seconds"] for p in per)
+    ranks = json.loads((ranks_dir / "manifest.json").read_text())
+    shutil.rmtree(one_dir)
+    shutil.rmtree(ranks_dir)
+    return {"ranks": world, "tokens": ext.n_tokens, "one_tok_s": ext.n_tokens / s_one,
+            "ranks_tok_s": ext.n_tokens / s_ranks, "scaling": s_one / s_ranks,
+            "per_rank": [p["line"] for p in per], "wall_s": wall,
+            "same_bytes": [x["files"] for x in one["shards"]]
+            == [x["files"] for x in ranks["shards"]]}
 
 
 # --- 5. torchrun smoke of the train_sae stage -------------------------------------------
@@ -481,6 +615,9 @@ def step_projection(env: Env) -> dict[str, Any]:
     """Hours for the 2.1 B-token budget (DESIGN §7) at the rates measured above."""
     budget = compute_budget(BudgetCfg())
     rates = {}
+    if "stream_budget" in env.rates:
+        rates["streaming at the budget's settings, production path (measured)"] = \
+            env.rates["stream_budget"]
     if "stream" in env.rates:
         rates["streaming, model -> SAE in one process (measured)"] = env.rates["stream"]
     if "producer" in env.rates and "train_jumprelu" in env.rates:
@@ -606,6 +743,26 @@ def render(results: dict[str, Any]) -> str:
                   f"{_fmt(s['tok_s'])} tokens/s end to end over {s['tokens']:,} tokens "
                   f"(buffer {s['shuffle_buffer']:,}, d_sae {s['d_sae']}), peak "
                   f"{_fmt(s['peak_gib'])} GiB; target >= {t['stream_tok_s']:,}."]
+    sb = steps.get("stream_budget", {}).get("figures")
+    if sb:
+        vs_plan = (f"; `saelab plan` predicts {_fmt(sb['plan_tok_s'])} tokens/s on a "
+                   f"{sb['plan_gpu']} (predicted / measured {_fmt(sb['plan_over_measured'])})"
+                   if sb["plan_gpu"] else "; no `saelab plan` GPU matches this device")
+        lines += ["", "## 4b. Streaming at the budget's settings (production path)", "",
+                  f"{_fmt(sb['tok_s'])} tokens/s over {sb['tokens']:,} tokens ({sb['lanes']} "
+                  f"lanes, buffer {sb['shuffle_buffer']:,}, d_sae {sb['d_sae']}, batch "
+                  f"{sb['batch']}), peak {_fmt(sb['peak_gib'])} GiB: {_fmt(sb['budget_hours'])} h "
+                  f"for {sb['budget_tokens']:.2g} tokens{vs_plan}."]
+    xr = steps.get("extract_ranks", {}).get("figures")
+    if xr:
+        lines += ["", "## 4c. Extraction over several ranks", ""]
+        if "skipped" in xr:
+            lines.append(f"Not run: {xr['skipped']}.")
+        else:
+            lines += [f"{xr['ranks']} ranks: {_fmt(xr['ranks_tok_s'])} tokens/s against "
+                      f"{_fmt(xr['one_tok_s'])} for one process ({_fmt(xr['scaling'])}x); "
+                      f"same store bytes: {xr['same_bytes']}.", ""]
+            lines += [f"- {line}" for line in xr["per_rank"]]
     r = steps.get("torchrun", {}).get("figures")
     if r:
         lines += ["", "## 5. torchrun smoke of train_sae", "",
@@ -640,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for results.json and RESULTS.md (commit them as bench/)")
     ap.add_argument("--dry-run", action="store_true",
                     help="every step on CPU at toy sizes (what `make test` runs)")
-    ap.add_argument("--steps", default="extract,exactness,train,stream,torchrun,projection",
+    ap.add_argument("--steps", default="extract,exactness,train,stream,stream_budget,"
+                    "extract_ranks,torchrun,projection",
                     help="comma-separated subset of the steps, in the listed order")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the temporary stores go (default: the system temp folder)")
@@ -654,7 +812,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
     steps: dict[str, Callable[[Env], dict[str, Any]]] = {
         "extract": step_extract, "exactness": step_exactness, "train": step_train,
-        "stream": step_stream,
+        "stream": step_stream, "stream_budget": step_stream_budget,
+        "extract_ranks": step_extract_ranks,
         "torchrun": lambda env: step_torchrun(env, sizes.time_box["torchrun"]),
         "projection": step_projection}
     unknown = sorted(set(wanted) - set(steps))

@@ -54,7 +54,8 @@ def test_markdown_table():
 
 def test_cli_reads_any_params_file(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"budget": {"utilisation": 0.25, "d_sae": 32768}}))
+    # The SAE width is the current profile's (sae.d_sae), as the model's.
+    path.write_text(yaml.safe_dump({"budget": {"utilisation": 0.25}, "sae": {"d_sae": 32768}}))
     out = budget_cli(path)
     assert "at 25%" in out and "x 32768 x" in out
 

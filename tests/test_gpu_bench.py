@@ -19,7 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 GPU_PY = REPO / "bench" / "gpu.py"
-STEPS = ["extract", "exactness", "train", "stream", "torchrun", "projection"]
+STEPS = ["extract", "exactness", "train", "stream", "stream_budget", "extract_ranks",
+         "torchrun", "projection"]
 
 
 @functools.cache
@@ -52,7 +53,9 @@ def test_dry_run_runs_every_step(dry_run):
     assert results["machine"]["dry_run"] is True
     assert md.startswith("# bench/gpu.py results: CPU dry run")
     for heading in ("## 1. Extraction", "## 2. Exactness", "## 3. SAE training",
-                    "## 4. Streaming", "## 5. torchrun smoke", "## 6. Projected wall time"):
+                    "## 4. Streaming", "## 4b. Streaming at the budget's settings",
+                    "## 4c. Extraction over several ranks", "## 5. torchrun smoke",
+                    "## 6. Projected wall time"):
         assert heading in md
 
 
@@ -78,6 +81,15 @@ def test_dry_run_figures_are_measured(dry_run):
     assert t["jumprelu_vs_plain"] == pytest.approx(
         t["jumprelu"]["tok_s"] / t["plain_jumprelu"]["tok_s"])
     assert steps["stream"]["figures"]["tok_s"] > 0
+    sb = steps["stream_budget"]["figures"]
+    assert sb["tok_s"] > 0 and sb["lanes"] == 2
+    assert sb["budget_hours"] == pytest.approx(sb["budget_tokens"] / sb["tok_s"] / 3600)
+    assert sb["plan_gpu"] is None  # a CPU matches no planned GPU: no ratio is claimed
+    # Two gloo ranks write the store that one process writes, byte for byte.
+    xr = steps["extract_ranks"]["figures"]
+    assert xr["ranks"] == 2 and xr["same_bytes"] is True
+    assert [line.split(" in ")[0] for line in xr["per_rank"]] == [
+        "stored 2048 tokens (rank 0 of 2)", "stored 2048 tokens (rank 1 of 2)"]
 
 
 def test_dry_run_trains_the_stage_under_torchrun(dry_run):
@@ -93,6 +105,8 @@ def test_projection_uses_the_measured_rates(dry_run):
     stream = steps["stream"]["figures"]["tok_s"]
     key = "streaming, model -> SAE in one process (measured)"
     assert p["measured_tokens_per_s"][key] == stream
+    at_budget = "streaming at the budget's settings, production path (measured)"
+    assert p["measured_tokens_per_s"][at_budget] == steps["stream_budget"]["figures"]["tok_s"]
     assert p["hours"][key] == pytest.approx(2.1e9 / stream / 3600)
 
 
@@ -112,7 +126,9 @@ def test_budget_shows_hours_at_gpu_rates(dry_run, tmp_path):
     results["machine"].update(dry_run=False, gpu="NVIDIA H200")
     results["steps"]["projection"]["figures"]["measured_tokens_per_s"] = {"streaming": 3.5e5}
     path.write_text(json.dumps(results))
-    out = budget_cli(REPO / "params.yaml", path)
+    # The budget is the current profile's: the 1B's 2.1e9 tokens.
+    llama = compose_params(["profile=llama-3.2-1b"], root=REPO, output=tmp_path / "p.yaml")
+    out = budget_cli(llama, path)
     assert "| NVIDIA H200: streaming | 350,000 | 1.7 |" in out  # 2.1e9 / 3.5e5 / 3600 h
     assert "measured rates:" in out
 

@@ -40,6 +40,14 @@ def _cmd_budget(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .scaling.plan import make_plan, plan_text
+
+    print(plan_text(make_plan(load_params(args.params), gpu=args.gpu,
+                              results=Path(args.results))), end="")
+    return 0
+
+
 def _cmd_verify(args) -> int:
     from .verify import verify_all
 
@@ -109,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="bench/results.json",
                    help="bench/gpu.py's results: hours at its measured rates (when present)")
     p.set_defaults(func=_cmd_budget)
+
+    p = sub.add_parser("plan", help="tokens, FLOPs, disk, memory and hours of a run of the "
+                                    "current params, before anything runs")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--gpu", default="H100", help="the GPU to plan for (RTX 4090, A100, H100, H200)")
+    p.add_argument("--results", default="bench/results.json",
+                   help="bench/gpu.py's results: hours at its measured rates (when present)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("verify", help="check the activation store and SAE export against their manifests")
     p.add_argument("--store", default="data/activations")

@@ -30,9 +30,10 @@ TINY: dict[str, dict[str, Any]] = {
     # 150 records reach three novels of the sample: whole works are held out (DESIGN §4).
     "data": {"max_docs": 150, "shard_docs": 10},
     "extract": {"context_len": 32, "n_tokens": 8192, "batch_tokens": 512, "shard_tokens": 1024},
+    # 200 steps over a store of 16 batches: 12.5 passes, allowed explicitly.
     "sae": {"d_sae": 64, "lr": 1.0e-3, "n_tokens": 512 * 200, "batch_size": 512,
             "checkpoint_every": 20, "log_every": 20, "eval_tokens": 1024,
-            "lr_warmup_steps": 10, "l0_warmup_steps": 50},
+            "lr_warmup_steps": 10, "l0_warmup_steps": 50, "max_epochs": 12.5},
     "interpret": {"n_latents": 8, "window": 8, "n_top": 6, "n_explain": 4, "n_quantiles": 2,
                   "n_per_quantile": 2, "n_random": 4, "min_activations": 3,
                   "examples_per_prompt": 4, "concurrency": 4, "max_retries": 3,

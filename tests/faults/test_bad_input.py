@@ -59,6 +59,10 @@ PARAMS_CASES = {
     "d_sae of 0": ("train_sae", {"sae": {"d_sae": 0}}, ["sae.d_sae = 0", ">= 1"]),
     "layer the model lacks": ("extract_mlp8", {"extract": {"layer": 20}},
                               ["extract.layer = 20", "16 layers", "0..15"]),
+    "more passes over the store than sae.max_epochs": (
+        "train_sae", {"sae": {"max_epochs": 1.0}},
+        ["102400 tokens", "12.5 times over the 8192 stored", "sae.max_epochs = 1",
+         "sae.stream = true", "extract.n_tokens = 102400"]),
 }
 
 

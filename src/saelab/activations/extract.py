@@ -39,12 +39,14 @@ from torch import nn
 from ..core import paths
 from ..core.config import ExtractCfg, Params
 from ..core.errors import SaelabError
+from ..core.runtime import rank_world
 from .hooks import capture, hook_dim, hook_module
+from .ranks import ran_out
 from .store import STORE_DTYPES, StoreWriter, check_disk, estimate_bytes
 
 log = logging.getLogger(__name__)
 
-_CODE = ("extract.py", "store.py", "hooks.py")
+_CODE = ("extract.py", "store.py", "hooks.py", "ranks.py")
 
 
 # --- text to rows ----------------------------------------------------------------------
@@ -293,29 +295,39 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     specials = special_token_ids(tokenizer)
     compute = str(next(model.parameters()).dtype).removeprefix("torch.")
     fp = fingerprint(cfg, {**inputs, "device": device.type, "compute_dtype": compute})
-    writer = StoreWriter(out_dir, fingerprint=fp, d=d, dtype=cfg.store_dtype,
-                         n_tokens=cfg.n_tokens, shard_tokens=cfg.shard_tokens,
-                         context_len=cfg.context_len)
-    if writer.complete is not None:
-        log.info("%s already holds this store (fingerprint %s): nothing to do", out_dir, fp[:12])
-        return writer.complete
-    done_bytes = sum(e["bytes"] for s in writer.shards for e in s["files"].values())
-    check_disk(out_dir, estimate_bytes(cfg.n_tokens, d, cfg.store_dtype, cfg.context_len)
-               - done_bytes)
+    per_batch = rows_per_batch(cfg.batch_tokens, cfg.context_len)
+    rows = token_rows(tokenizer, texts, cfg.context_len)
+    rank, world = rank_world()
+    if world > 1:  # torchrun: this rank's shards (activations.ranks)
+        from . import ranks
 
-    kept_shards, left = len(writer.shards), cfg.n_tokens - writer.tokens_done
-    log.info("extracting %d tokens (%s of layer %d, d=%d, %s) into %s from row %d",
-             left, cfg.hook, cfg.layer, d, cfg.store_dtype, out_dir, writer.resume_row)
+        complete, writer, rows = ranks.rank_writer(
+            rows, cfg, out_dir, fp=fp, d=d, exclude=specials, per_batch=per_batch, rank=rank,
+            world=world)
+    else:
+        writer = StoreWriter(out_dir, fingerprint=fp, d=d, dtype=cfg.store_dtype,
+                             n_tokens=cfg.n_tokens, shard_tokens=cfg.shard_tokens,
+                             context_len=cfg.context_len)
+        complete = writer.complete
+        # Rows before `resume_row` are already stored: tokenized again, but not forwarded.
+        rows = itertools.islice(rows, writer.resume_row, None)
+    if complete is not None:
+        log.info("%s already holds this store (fingerprint %s): nothing to do", out_dir, fp[:12])
+        return complete
+    done_bytes = sum(e["bytes"] for s in writer.shards for e in s["files"].values())
+    check_disk(out_dir, estimate_bytes(writer.tokens_wanted, d, cfg.store_dtype,
+                                       cfg.context_len) - done_bytes)
+
+    kept_shards, left = len(writer.shards), writer.tokens_wanted - writer.tokens_done
+    who = f" (rank {rank} of {world})" if world > 1 else ""
+    log.info("extracting %d tokens (%s of layer %d, d=%d, %s) into %s from row %d%s",
+             left, cfg.hook, cfg.layer, d, cfg.store_dtype, out_dir, writer.resume_row, who)
     source = ActivationSource(model, layer=cfg.layer, hook=cfg.hook, device=device,
                               exclude_ids=specials, outlier_k=cfg.outlier_k)
-    per_batch = rows_per_batch(cfg.batch_tokens, cfg.context_len)
-    # Rows before `resume_row` are already stored: tokenized again, but not forwarded.
-    rows = itertools.islice(token_rows(tokenizer, texts, cfg.context_len), writer.resume_row,
-                            None)
     blocks = prefetch(batched_rows(rows, per_batch, writer.resume_row))
     t0 = time.perf_counter()
     try:
-        _produce(writer, source, blocks, cfg, device, depth)
+        _produce(writer, source, blocks, cfg, device, depth, desc=f"extract{who}")
     except BaseException:
         writer.abort()
         raise
@@ -324,36 +336,43 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     elapsed = time.perf_counter() - t0
     if not writer.done:
         writer.abort()
-        raise SaelabError(
-            f"the corpus ran out after {writer.tokens_done} of extract.n_tokens = "
-            f"{cfg.n_tokens} storable tokens; fetch more text (raise data.token_budget or "
-            "data.max_docs) or lower extract.n_tokens")
+        raise SaelabError(ran_out(writer.tokens_done, cfg.n_tokens))
     rate = left / elapsed if elapsed > 0 else float("nan")
+    # Per rank, so a many-GPU run shows how it scales.
+    log.info("stored %d tokens%s in %.1f s (%.0f tokens/s)", left, who, elapsed, rate)
+    if world > 1:
+        from . import ranks
+
+        writer = ranks.assemble(out_dir, writer.header, world)
+        elapsed = time.perf_counter() - t0
+        left, rate = cfg.n_tokens, cfg.n_tokens / elapsed  # every rank's vectors
     manifest = writer.finalize(
         {**(meta or {}), "layer": cfg.layer, "hook": cfg.hook, "compute_dtype": compute,
          "device": str(device), "outlier_k": cfg.outlier_k, "tokens_per_s": rate,
-         "elapsed_s": elapsed, "resumed_shards": kept_shards, "config": dataclasses.asdict(cfg)},
+         "elapsed_s": elapsed, "resumed_shards": kept_shards, "processes": world,
+         "config": dataclasses.asdict(cfg)},
         vocab_size=model.config.vocab_size, special_ids=specials,
-        bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
-    log.info("stored %d tokens in %.1f s (%.0f tokens/s); scale C = %.4g", left, elapsed, rate,
-             manifest["scale"])
+        bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id) if writer else None
+    if world > 1:
+        manifest = ranks.share(manifest)
+    log.info("the store holds %d tokens; scale C = %.4g", cfg.n_tokens, manifest["scale"])
     return manifest
 
 
 def _produce(writer: StoreWriter, source: ActivationSource, blocks: Iterator,
-             cfg: ExtractCfg, device: torch.device, depth: int) -> None:
+             cfg: ExtractCfg, device: torch.device, depth: int, desc: str = "extract") -> None:
     """Forward blocks until the writer has enough; at most `depth` batches wait for it."""
-    from tqdm import tqdm
+    from ..core.progress import Progress
 
     store_dtype = STORE_DTYPES[cfg.store_dtype][1]
     copies = _HostCopies(device, rows_per_batch(cfg.batch_tokens, cfg.context_len)
                          * cfg.context_len, source.d, store_dtype, depth)
     # A resumed run's first batch repeats `resume_skip` vectors stored before.
-    need = cfg.n_tokens - writer.tokens_done + writer.resume_skip
+    need = writer.tokens_wanted - writer.tokens_done + writer.resume_skip
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="saelab-writer") as pool, \
-            tqdm(total=cfg.n_tokens, initial=writer.tokens_done, unit="tok", unit_scale=True,
-                 disable=None, desc="extract") as bar:
+            Progress(desc, writer.tokens_wanted, initial=writer.tokens_done, unit="token",
+                     rate_unit="tokens") as bar:
         for first_row, block in blocks:
             batch = source(block, first_row)
             with torch.no_grad():
@@ -385,7 +404,7 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
     """The `extract_mlp8` stage body: model + corpus in, store out; returns the manifest."""
     from ..data.base_model import load_model
     from ..data.corpus import DOC_ORDER_RULE, iter_documents, read_manifest
-    from ..core.runtime import compute_dtype, resolve_device
+    from ..core.runtime import compute_dtype, init_distributed, resolve_device
 
     corpus = read_manifest(corpus_dir)
     estimate = corpus["tokens_estimate"]["train"]
@@ -395,6 +414,7 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
                     "data.token_budget or lower extract.n_tokens)", estimate,
                     params.extract.n_tokens)
     device = resolve_device(params)
+    init_distributed(device)  # under torchrun: each rank writes its part of the store
     dtype = compute_dtype(params, device)
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype,
                                   attn_implementation=params.extract.attn_implementation)
@@ -414,7 +434,13 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
 def _run(params: Params) -> None:
     from ..core.tracking import log_artifact, log_metrics
 
-    manifest = run_extract(params)
+    import torch.distributed as dist
+
+    try:
+        manifest = run_extract(params)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     log_metrics({"extract": {"tokens_per_s": manifest["tokens_per_s"],
                              "scale": manifest["scale"],
                              "norm": manifest["norm"]["percentiles"],

@@ -64,7 +64,13 @@ REBUILD = ("run `saelab verify` to list every problem, then restore it (`dvc che
 # tokens take >= 1,050 s at the SAE roofline, so 19.5 s is < 2%.
 FULL_HASH_MAX_BYTES = 1 << 30
 PERCENTILES = (0.0, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.9, 100.0)
-_STORE_FILE = re.compile(r"^(shard-\d{5}\.\w+\.npy|rows\.npy|manifest(\.partial)?\.json)(\.tmp)?$")
+_STORE_FILE = re.compile(
+    r"^(shard-\d{5}\.\w+\.npy|rows\.npy|manifest(\.partial(\.rank-\d+-of-\d+)?)?\.json)(\.tmp)?$")
+
+
+def rank_partial(rank: int, world: int) -> str:
+    """The progress file of rank `rank` of `world` under torchrun (activations.ranks)."""
+    return f"manifest.partial.rank-{rank}-of-{world}.json"
 
 
 def shard_name(k: int, kind: str) -> str:
@@ -171,6 +177,13 @@ def _remove_store_files(out_dir: Path, keep: Collection[str] = ()) -> None:
             p.unlink()
 
 
+def store_header(*, fingerprint: str, d: int, dtype: str, n_tokens: int, shard_tokens: int,
+                 context_len: int) -> dict[str, Any]:
+    """What a partial store must match to be resumed."""
+    return {"format": FORMAT, "fingerprint": fingerprint, "d": d, "dtype": dtype,
+            "n_tokens": n_tokens, "shard_tokens": shard_tokens, "context_len": context_len}
+
+
 class StoreWriter:
     """Assembles fixed-size shards from forward batches; resumes a matching partial store.
 
@@ -182,43 +195,69 @@ class StoreWriter:
     """
 
     def __init__(self, out_dir: Path, *, fingerprint: str, d: int, dtype: str, n_tokens: int,
-                 shard_tokens: int, context_len: int):
+                 shard_tokens: int, context_len: int, part: range | None = None,
+                 start: tuple[int, int, int] = (0, 0, 0), partial: str = PARTIAL):
+        """`part` (a range of shard ids), `start` (the row to forward from, the vectors of its
+        batch to skip, the first row of the part's rows) and `partial` make a writer of one
+        rank's shards (activations.ranks): it resumes its own progress file only and leaves
+        the rest of `out_dir` alone."""
         self.out_dir = Path(out_dir)
         self.np_dtype = STORE_DTYPES[dtype][0]
-        self.header = {"format": FORMAT, "fingerprint": fingerprint, "d": d, "dtype": dtype,
-                       "n_tokens": n_tokens, "shard_tokens": shard_tokens,
-                       "context_len": context_len}
+        self.header = store_header(fingerprint=fingerprint, d=d, dtype=dtype, n_tokens=n_tokens,
+                                   shard_tokens=shard_tokens, context_len=context_len)
         self.num_shards = -(-n_tokens // shard_tokens)
+        self.part = part if part is not None else range(self.num_shards)
+        self._start, self._partial = start, partial
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.complete, self.shards = _resume(self.out_dir, self.header, self.num_shards)
+        self.complete, self.shards = _resume(self.out_dir, self.header, len(self.part),
+                                             partial=partial, whole=part is None)
         if self.complete is None and self.shards:
             self._save_partial()
         self._streams: dict[str, NpyStream] = {}
         self._filled = 0
         self._pending: list[tuple[int, np.ndarray]] = []  # forwarded rows not yet in a shard
-        self._rows_lo = self.shards[-1]["rows"][1] if self.shards else 0
+        self._rows_lo = self.shards[-1]["rows"][1] if self.shards else start[2]
         self._skip = self.resume_skip
 
+    @classmethod
+    def assembled(cls, out_dir: Path, header: dict[str, Any],
+                  shards: list[dict[str, Any]]) -> "StoreWriter":
+        """A writer holding every shard that the ranks wrote, ready to `finalize`."""
+        self = cls.__new__(cls)
+        self.out_dir, self.header, self.shards, self.complete = Path(out_dir), header, shards, None
+        self.num_shards = -(-header["n_tokens"] // header["shard_tokens"])
+        self.part, self._partial = range(self.num_shards), PARTIAL
+        return self
+
     def _save_partial(self) -> None:
-        _write_json(self.out_dir / PARTIAL, {**self.header, "shards": self.shards})
+        _write_json(self.out_dir / self._partial, {**self.header, "shards": self.shards})
 
     @property
     def resume_row(self) -> int:
         """First row the producer must forward (earlier rows are already stored)."""
-        return self.shards[-1]["resume"][0] if self.shards else 0
+        return self.shards[-1]["resume"][0] if self.shards else self._start[0]
 
     @property
     def resume_skip(self) -> int:
         """Vectors of the first forwarded batch that earlier shards already hold."""
-        return self.shards[-1]["resume"][1] if self.shards else 0
+        return self.shards[-1]["resume"][1] if self.shards else self._start[1]
 
     @property
     def tokens_done(self) -> int:
         return sum(s["n"] for s in self.shards)
 
     @property
+    def tokens_wanted(self) -> int:
+        """Vectors this writer stores in all (the whole store, or one rank's part of it)."""
+        return sum(self._shard_size(k) for k in self.part)
+
+    @property
     def done(self) -> bool:
-        return len(self.shards) == self.num_shards
+        return len(self.shards) == len(self.part)
+
+    @property
+    def _next(self) -> int:
+        return self.part.start + len(self.shards)
 
     # --- writing -----------------------------------------------------------------------
 
@@ -227,7 +266,7 @@ class StoreWriter:
         return min(size, self.header["n_tokens"] - k * size)
 
     def _open_shard(self) -> None:
-        k, n = len(self.shards), self._shard_size(len(self.shards))
+        k, n = self._next, self._shard_size(self._next)
         self._streams = {"acts": NpyStream(self.out_dir / shard_name(k, "acts"), self.np_dtype,
                                            (n, self.header["d"]))}
         for kind, dtype in TOKEN_FILES.items():
@@ -247,19 +286,19 @@ class StoreWriter:
         while pos < n and not self.done:
             if not self._streams:
                 self._open_shard()
-            take = min(n - pos, self._shard_size(len(self.shards)) - self._filled)
+            take = min(n - pos, self._shard_size(self._next) - self._filled)
             part = slice(pos, pos + take)
             for kind, arr in (("acts", acts), ("tokens", token_ids), ("index", index),
                               ("norms", norms)):
                 self._streams[kind].write(arr[part])
             self._filled += take
             pos += take
-            if self._filled == self._shard_size(len(self.shards)):
+            if self._filled == self._shard_size(self._next):
                 self._close_shard(first_row, pos, int(index[pos - 1, 0]) + 1)
         return pos - start
 
     def _close_shard(self, first_row: int, taken: int, rows_hi: int) -> None:
-        k = len(self.shards)
+        k = self._next
         files = {kind: s.close() for kind, s in self._streams.items()}
         part = self._rows(self._rows_lo, rows_hi)
         rows_stream = NpyStream(self.out_dir / shard_name(k, "rows"), np.uint32, part.shape)
@@ -319,28 +358,23 @@ class StoreWriter:
         _write_json(self.out_dir / MANIFEST, manifest)
         for p in parts:
             p.unlink()
-        (self.out_dir / PARTIAL).unlink(missing_ok=True)
+        _remove_store_files(self.out_dir, keep=[MANIFEST, *_files(manifest)])
         self.complete = manifest
         return manifest
 
 
-def _resume(out_dir: Path, header: dict[str, Any], num_shards: int,
-            ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def _resume(out_dir: Path, header: dict[str, Any], num_shards: int, *, partial: str = PARTIAL,
+            whole: bool = True) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """What a writer with `header` can keep of `out_dir`: (the manifest of a finished store
     that matches it, or None; the sound leading shards of a matching unfinished one).
-    Every other store file there is deleted."""
-    done = out_dir / MANIFEST
-    partial = out_dir / PARTIAL
+    Every other store file there is deleted, unless the writer is one rank's (`whole`
+    False): that one reads only its `partial` file and deletes nothing."""
+    partial = out_dir / partial
     shards: list[dict[str, Any]] = []
-    if done.is_file():
-        manifest = atomic.read_json(done)
-        if manifest and manifest.get("fingerprint") == header["fingerprint"] and \
-                not seal_problem(manifest, MANIFEST) and not ActivationStore(out_dir).verify():
-            # a run killed while finishing may have left its partial files behind
-            _remove_store_files(out_dir, keep=[MANIFEST, *_files(manifest)])
+    if whole and (out_dir / MANIFEST).is_file():
+        manifest = _finished(out_dir, header)
+        if manifest is not None:
             return manifest, []
-        log.info("existing store in %s was made with other inputs (or is damaged): "
-                 "starting over", out_dir)
     elif partial.is_file():
         state = atomic.read_json(partial)
         if state and {k: state.get(k) for k in header} == header:
@@ -350,8 +384,48 @@ def _resume(out_dir: Path, header: dict[str, Any], num_shards: int,
         else:
             log.info("unfinished store in %s was made with other inputs: starting over",
                      out_dir)
-    _remove_store_files(out_dir, keep=[e["file"] for s in shards for e in s["files"].values()])
+    if whole:
+        _remove_store_files(out_dir, keep=[e["file"] for s in shards
+                                           for e in s["files"].values()])
     return None, shards
+
+
+def _finished(out_dir: Path, header: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of the finished, sound store in `out_dir` made with `header`'s
+    fingerprint (its leftover files deleted), or None."""
+    manifest = atomic.read_json(out_dir / MANIFEST)
+    if manifest and manifest.get("fingerprint") == header["fingerprint"] and \
+            not seal_problem(manifest, MANIFEST) and not ActivationStore(out_dir).verify():
+        # a run killed while finishing may have left its partial files behind
+        _remove_store_files(out_dir, keep=[MANIFEST, *_files(manifest)])
+        return manifest
+    log.info("existing store in %s was made with other inputs (or is damaged): "
+             "starting over", out_dir)
+    return None
+
+
+def clear_for_ranks(out_dir: Path, header: dict[str, Any], world: int,
+                    ) -> dict[str, Any] | None:
+    """Rank 0, before `world` ranks extract into `out_dir`: the manifest of a finished store
+    with this fingerprint (nothing to do), else None once every store file that no rank can
+    resume (other inputs, another world size, a one-process partial store) is deleted."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MANIFEST).is_file() and (manifest := _finished(out_dir, header)):
+        return manifest
+    keep = []
+    for r in range(world):
+        state = atomic.read_json(out_dir / rank_partial(r, world))
+        if state and {k: state.get(k) for k in header} == header:
+            keep += [rank_partial(r, world)] + [e["file"] for s in state["shards"]
+                                                for e in s["files"].values()]
+    _remove_store_files(out_dir, keep=keep)
+    return None
+
+
+def read_rank_shards(out_dir: Path, world: int) -> list[dict[str, Any]]:
+    """Every rank's finished shards, in shard order (rank r holds a contiguous range)."""
+    return [s for r in range(world)
+            for s in atomic.read_json(out_dir / rank_partial(r, world))["shards"]]
 
 
 def _sound_prefix(out_dir: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:

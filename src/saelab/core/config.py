@@ -182,9 +182,18 @@ class SAECfg:
     aux_k: int = rng(256, 0)
     aux_coeff: float = rng(1.0 / 32, 0.0)
     dead_tokens: int = rng(10_000_000, 1)
+    # Passes over the stored activations a store-fed run may make; above it train_sae stops
+    # before training (stream instead, or extract more). Fresh tokens by default.
+    max_epochs: float = rng(1.0, 0.0, lo_open=True)
     # Stream activations from the model instead of the store (no disk).
     stream: bool = False
+    # Vectors held for shuffling, over all processes (each holds shuffle_buffer / world).
     shuffle_buffer: int = rng(1_048_576, 1)
+    # Streaming: rows are dealt round-robin to this many lanes, each with its own shuffle
+    # buffer and its share of every batch; a process owns stream_lanes / world of them. The
+    # data order then depends on the lanes, not on the number of processes (0: one lane
+    # per process).
+    stream_lanes: int = rng(0, 0)
     checkpoint_every: int = rng(200, 1)
     log_every: int = rng(20, 1)
     autocast_bf16: bool = True

@@ -11,6 +11,33 @@ import torch
 from .config import Params
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside a torch.distributed group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group (nccl on GPUs, gloo on CPUs); (rank, world).
+
+    Under torchrun even a single process joins (and trains through DDP), so a 1-process run
+    exercises the backend that a many-GPU run relies on. Outside torchrun: (0, 1).
+    """
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" in os.environ and "RANK" in os.environ and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        logging.getLogger(__name__).info("joined the %s process group: rank %d of %d",
+                                         dist.get_backend(), dist.get_rank(),
+                                         dist.get_world_size())
+    return rank_world()
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -94,9 +94,9 @@ class _Objective(nn.Module):
 
 
 def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    from ..core.runtime import rank_world
+
+    return rank_world()
 
 
 def _fingerprint(cfg: SAECfg, **extra) -> str:
@@ -163,10 +163,11 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     lam = 0.0
     gnorm = torch.zeros((), device=device)
 
-    from tqdm import tqdm
+    from ..core.progress import Progress
 
-    bar = tqdm(total=total_steps, initial=start, unit="step", desc="train_sae",
-               disable=None if rank == 0 else True)
+    # A bar on a terminal; elsewhere (nohup, SLURM, dvc queue) a log line a minute.
+    bar = Progress("train_sae", total_steps, initial=start, rate_per=cfg.batch_size,
+                   enabled=rank == 0)
     t0 = time.perf_counter()
     steps_run = 0
     for s in range(start, total_steps):
@@ -190,7 +191,6 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         st["step"] = s + 1
         st["tokens_seen"] += cfg.batch_size
         steps_run += 1
-        bar.update()
         last = s + 1 == total_steps
         if (s + 1) % cfg.log_every == 0 or last:
             _check_finite(st, total_steps, checkpoint_dir)
@@ -198,6 +198,9 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
                                 lr=opt.param_groups[0]["lr"], lam=lam, gnorm=gnorm)
             if log_fn is not None and rank == 0:
                 log_fn(s + 1, row)
+            bar.update(1, loss=row["loss"], L0=row["l0"])
+        else:
+            bar.update(1)
         if checkpoint_dir is not None and ((s + 1) % cfg.checkpoint_every == 0 or last):
             _check_finite(st, total_steps, checkpoint_dir)
             if rank == 0:
@@ -368,7 +371,7 @@ def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run:
 # --- streaming: activations straight from the model, shuffled in memory ----------------
 
 def shuffled_batches(chunks: Iterator[torch.Tensor], *, capacity: int, batch_size: int,
-                     seed: int, scale: float) -> Iterator[torch.Tensor]:
+                     seed: int | tuple[int, ...], scale: float) -> Iterator[torch.Tensor]:
     """Float32 batches of `scale * x` from a stream of [n, d] chunks, shuffled in memory.
 
     Fill a buffer of `capacity` vectors, emit it as random batches (fill c is permuted by
@@ -391,7 +394,7 @@ def shuffled_batches(chunks: Iterator[torch.Tensor], *, capacity: int, batch_siz
             return
         data = torch.cat(parts)
         del parts
-        perm = torch.from_numpy(np.random.default_rng([seed, fill]).permutation(n))
+        perm = torch.from_numpy(np.random.default_rng([*np.ravel(seed), fill]).permutation(n))
         n_full = n // batch_size
         for j in range(n_full):
             ids = perm[j * batch_size:(j + 1) * batch_size].sort().values.to(data.device)
@@ -430,34 +433,41 @@ def resolve_tokens(cfg: SAECfg, budget_json: Path) -> tuple[int, str]:
     return int(tokens), str(budget_json)
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the torchrun process group (nccl on GPUs, gloo on CPUs); (rank, world).
+def store_passes(batch_size: int, n_tokens: int, store_tokens: int) -> float:
+    """Passes over a store of `store_tokens` vectors that training on `n_tokens` makes
+    (`ActivationStore.iter_batches` drops each epoch's remainder)."""
+    per_epoch = store_tokens // batch_size
+    return (n_tokens // batch_size) / per_epoch if per_epoch else math.inf
 
-    Under torchrun even a single process joins and trains through DDP, so a 1-process run
-    exercises the backend and gradient all-reduce that a many-GPU run relies on.
-    """
-    import os
 
-    if "MASTER_ADDR" in os.environ and "RANK" in os.environ and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        log.info("joined the %s process group: rank %d of %d", dist.get_backend(),
-                 dist.get_rank(), dist.get_world_size())
-    return _dist()
+def check_epochs(cfg: SAECfg, n_tokens: int, tokens_source: str, store) -> float:
+    """The passes a store-fed run makes; stops before training above sae.max_epochs."""
+    from ..activations.store import estimate_bytes
+
+    passes = store_passes(cfg.batch_size, n_tokens, store.n_tokens)
+    if passes > cfg.max_epochs:
+        need = estimate_bytes(n_tokens, store.d, store.dtype, store.context_len)
+        size = f"{need / 1e12:.1f} TB" if need >= 1e12 else f"{need / 1e9:.2f} GB"
+        raise SaelabError(
+            f"training on {n_tokens} tokens ({tokens_source}) would pass {passes:.1f} times "
+            f"over the {store.n_tokens} stored activations, more than sae.max_epochs = "
+            f"{cfg.max_epochs:g}. Train on fresh tokens streamed from the model "
+            f"(sae.stream = true, over a corpus holding {n_tokens} tokens), or extract more "
+            f"(extract.n_tokens = {n_tokens}: a store of about {size})")
+    return passes
 
 
 def _run(params) -> None:
     import shutil
 
     from ..core import paths
-    from ..core.runtime import compute_dtype, resolve_device, seed_everything
+    from ..core.runtime import compute_dtype, init_distributed, resolve_device, seed_everything
     from ..activations.store import ActivationStore
     from ..core.tracking import log_metrics, log_params, set_tags
 
     cfg, seed = params.sae, params.run.seed
     device = resolve_device(params)
-    rank, world = _init_distributed(device)
+    rank, world = init_distributed(device)
     seed_everything(seed)
     lr, lr_source = resolve_lr(cfg, paths.FIT_JSON)
     n_tokens, tokens_source = resolve_tokens(cfg, paths.BUDGET_JSON)
@@ -465,6 +475,8 @@ def _run(params) -> None:
         not cfg.stream or (paths.ACTIVATIONS_DIR / "manifest.json").is_file()) else None
     if store is not None:
         store.check(full=True)  # hashing is < 2% of training at any profile (store.py)
+    # Each streamed vector trains once; a store may be passed over up to sae.max_epochs.
+    epochs = 1.0 if cfg.stream else check_epochs(cfg, n_tokens, tokens_source, store)
 
     have_model = (paths.MODEL_DIR / "config.json").is_file()
     model = tokenizer = None
@@ -501,11 +513,12 @@ def _run(params) -> None:
         if rank == 0 else None
     if rank == 0:
         log_params({"train.lr": lr, "train.n_tokens": n_tokens, "train.d_in": d_in,
-                    "train.world_size": world, "train.data_source": source})
+                    "train.world_size": world, "train.data_source": source,
+                    "train.epochs": epochs})
         set_tags({"train.lr_source": lr_source, "train.n_tokens_source": tokens_source})
     log.info("training %s SAE d_in=%d d_sae=%d on %d tokens (%s) with lr %.3g (%s), %d "
-             "process(es), data from the %s", cfg.architecture, d_in, cfg.d_sae, n_tokens,
-             tokens_source, lr, lr_source, world, source)
+             "process(es), data from the %s (%.2f passes)", cfg.architecture, d_in, cfg.d_sae,
+             n_tokens, tokens_source, lr, lr_source, world, source, epochs)
 
     ckpt_dir = paths.CHECKPOINT_DIR / "train_sae"
     result = train(cfg, make_batches, d_in=d_in, n_tokens=n_tokens, lr=lr, device=device,
@@ -514,6 +527,7 @@ def _run(params) -> None:
                    eval_batches=eval_batches, data_fingerprint=data_fp)
     try:
         if rank == 0:
+            result.metrics["epochs"] = epochs
             _report(params, result, lr=lr, lr_source=lr_source, n_tokens=n_tokens,
                     tokens_source=tokens_source, source=source, scale=scale, d_in=d_in,
                     world=world, model=model, tokenizer=tokenizer, heldout_rows=heldout_rows,
@@ -634,13 +648,12 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
     from ..data.corpus import DOC_ORDER_RULE, iter_documents
     from ..activations.extract import prefetch, special_token_ids, stream_activations, token_rows
     from ..activations.hooks import hook_dim
+    from .streaming import lane_batches, resolve_lanes
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
     d_in = hook_dim(model.config, ex.hook)
     specials = special_token_ids(tokenizer)
-    if cfg.shuffle_buffer < cfg.batch_size // world:
-        raise SaelabError(f"sae.shuffle_buffer = {cfg.shuffle_buffer} is smaller than one batch "
-                          f"({cfg.batch_size // world} per process); raise it (>= 1M is advised)")
+    n_lanes = resolve_lanes(cfg, world)
 
     def rows(my_share: bool) -> Iterator[np.ndarray]:
         # Tokenizing runs in a background thread, overlapping the forward passes. The
@@ -651,16 +664,15 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
         it = token_rows(tokenizer, texts, ex.context_len)
         return prefetch(itertools.islice(it, rank, None, world) if my_share else it)
 
-    def acts(my_share: bool) -> Iterator[torch.Tensor]:
-        for b in stream_activations(model, rows(my_share), layer=ex.layer, hook=ex.hook,
-                                    batch_tokens=ex.batch_tokens, device=device,
-                                    exclude_ids=specials):
-            yield b.acts
+    def forwards(my_share: bool):
+        return stream_activations(model, rows(my_share), layer=ex.layer, hook=ex.hook,
+                                  batch_tokens=ex.batch_tokens, device=device,
+                                  exclude_ids=specials)
 
     same_site = store is not None and (store.manifest.get("layer"), store.manifest.get("hook")) \
         == (ex.layer, ex.hook)
     # Without a store of this site: from the first streamed vectors (the same on every rank).
-    scale = store.scale if same_site else stream_scale(acts(False))
+    scale = store.scale if same_site else stream_scale(b.acts for b in forwards(False))
     data_fp = checkpoint.fingerprint({"stream": True, "corpus": atomic.read_json(
         paths.CORPUS_DIR / "manifest.json"), "model": atomic.read_json(paths.MODEL_JSON),
         "extract": dataclasses.asdict(ex), "scale": scale,
@@ -668,8 +680,9 @@ def _stream_source(params, model, tokenizer, store, device, rank: int, world: in
 
     def make_batches(start: int) -> Iterator[torch.Tensor]:
         # Resuming regenerates (and drops) the batches already trained on: no disk involved.
-        stream = shuffled_batches(acts(True), capacity=cfg.shuffle_buffer,
-                                  batch_size=cfg.batch_size // world, seed=seed, scale=scale)
+        stream = lane_batches(forwards(True), rank=rank, world=world, n_lanes=n_lanes,
+                              capacity=cfg.shuffle_buffer // n_lanes,
+                              batch_size=cfg.batch_size // n_lanes, seed=seed, scale=scale)
         return itertools.islice(stream, start, None)
 
     return d_in, scale, data_fp, make_batches

@@ -8,6 +8,7 @@ the layers up to the hook (2 N_l FLOPs per token, no backward) plus the SAE step
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -156,10 +157,38 @@ def measured_rates(results_path: str | Path) -> tuple[dict[str, float], str]:
             f"{machine.get('commit')})")
 
 
+def profile_budget(params: Params) -> BudgetCfg:
+    """params.budget for the current profile: the seed's derivation with its model and SAE.
+
+    Where the profile's model is the one the budget section describes (its hook width is
+    budget.d_in: the 1B profiles), the section stands as written, with sae.d_sae. Otherwise
+    the parameter count N, the share of the layers run (up to the hooked one) and the
+    model-size ratio come from the profile's model; the ratio is taken against the
+    reference model of the section (budget.llm_params / budget.model_size_ratio: the seed's
+    Gemma-2-2B, 2.4e9).
+    """
+    from ..activations.hooks import hook_dim
+    from ..data.base_model import build_model_config, count_params
+
+    b = params.budget
+    config = build_model_config(params.model)
+    d_in = hook_dim(config, params.extract.hook)
+    if d_in == b.d_in:
+        return dataclasses.replace(b, d_sae=params.sae.d_sae)
+    n = float(count_params(config))
+    return dataclasses.replace(
+        b, d_in=d_in, d_sae=params.sae.d_sae, llm_params=n,
+        layer_fraction=(params.extract.layer + 1) / params.model.num_hidden_layers,
+        model_size_ratio=n / (b.llm_params / b.model_size_ratio))
+
+
 def budget_cli(params_path: str | Path = "params.yaml",
                results_path: str | Path = paths.GPU_RESULTS) -> str:
-    """What `saelab budget` prints (the caller prints it): the peak-FLOP estimate and, when
-    bench/gpu.py's results are there, the hours at the rates it measured."""
+    """What `saelab budget` prints (the caller prints it): the peak-FLOP estimate for the
+    current profile and, when bench/gpu.py's results are there, the hours at the rates it
+    measured."""
+    params = load_params(params_path)
     rates, source = measured_rates(results_path)
-    budget = compute_budget(load_params(params_path).budget, rates)
-    return budget_markdown(budget) + f"\n{source}\n"
+    budget = compute_budget(profile_budget(params), rates)
+    return (f"Profile {params.profile} ({params.model.name}, {params.extract.hook} of layer "
+            f"{params.extract.layer})\n\n" + budget_markdown(budget) + f"\n{source}\n")
