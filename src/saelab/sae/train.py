@@ -31,6 +31,7 @@ from ..core import atomic
 from . import checkpoint
 from ..core.config import SAECfg
 from ..core.errors import SaelabError
+from ..activations.hooks import saelens_hook_name
 from .evals import reconstruction_metrics
 from .autoencoder import SAE, auxk_decode, jumprelu_with_l0, topk_decode
 from .schedules import l0_factor, lr_factor
@@ -404,8 +405,6 @@ def shuffled_batches(chunks: Iterator[torch.Tensor], *, capacity: int, batch_siz
 
 # --- the train_sae stage ---------------------------------------------------------------
 
-_TL_HOOK_NAMES = {"mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post",
-                  "mlp_act": "mlp.hook_post", "mlp_in": "ln2.hook_normalized"}
 CURVES_CSV = "curves.csv"
 CURVE_COLUMNS = ("step", "loss", "mse", "l0", "fvu", "lr", "lambda")
 
@@ -553,7 +552,7 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
     info = atomic.read_json(paths.MODEL_JSON) or {}
-    hook_name = f"blocks.{ex.layer}.{_TL_HOOK_NAMES[ex.hook]}"
+    hook_name = saelens_hook_name(ex.layer, ex.hook)
     metrics = dict(result.metrics)
     if model is not None and heldout_rows:
         from .evals import lm_metrics
