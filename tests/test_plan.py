@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,8 @@ from saelab.scaling.budget import budget_cli
 from saelab.scaling.plan import make_plan, plan_text, processes
 from saelab.sae.train import check_epochs, store_passes
 
-from conftest import REPO
+# Not imported from conftest: tests/interpret puts its own conftest first on sys.path.
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
