@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import time
 
 import torch
@@ -55,6 +56,44 @@ class KnownDictionary:
     def batches(self, n: int, start: int = 0):
         for i in itertools.count(start):
             yield self.sample(n, i)
+
+
+class PowerLawDictionary(KnownDictionary):
+    """The harder set (issue 18): firing probabilities on a shifted power law in rank,
+    p_i = p_max ((1 + i0) / (i + i0))^alpha, from `p_max` (rank 1) down to `rarest` (last
+    rank), i0 and alpha solved so sum p = expected_l0 (a pure power law with p_n = 1e-4
+    and mean L0 8 over 1,024 atoms would need p_1 > 1); magnitudes log-normal (median 1,
+    sigma `mag_sigma`); atom pairs (2j, 2j+1) for j < n_pairs co-fire: when the first
+    fires, the second also fires with prob. `pair_p`. Atoms are numbered by frequency, so
+    terciles of the index are frequency terciles."""
+
+    def __init__(self, d_in: int, n_atoms: int, expected_l0: float, noise: float, seed: int,
+                 p_max: float = 0.2, rarest: float = 1e-4, mag_sigma: float = 0.5,
+                 n_pairs: int = 64, pair_p: float = 0.5):
+        rank = torch.arange(1, n_atoms + 1, dtype=torch.float64)
+
+        def probs(i0: float) -> torch.Tensor:
+            alpha = math.log(p_max / rarest) / math.log((n_atoms + i0) / (1 + i0))
+            return p_max * ((1 + i0) / (rank + i0)) ** alpha
+
+        lo, hi = 0.0, 1e6  # the sum grows with i0 (a flatter head)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if probs(mid).sum() < expected_l0 else (lo, mid)
+        self.probs = probs(lo).float()
+        self.mag_sigma, self.n_pairs, self.pair_p = mag_sigma, n_pairs, pair_p
+        super().__init__(d_in, n_atoms, expected_l0, noise, seed)
+
+    def sample(self, n: int, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        on = torch.rand(n, len(self.atoms), generator=g) < self.probs
+        lead = on[:, 0:2 * self.n_pairs:2]
+        follow = torch.rand(n, self.n_pairs, generator=g) < self.pair_p
+        on[:, 1:2 * self.n_pairs:2] |= lead & follow
+        mags = torch.exp(self.mag_sigma * torch.randn(n, len(self.atoms), generator=g))
+        x = (on * mags) @ self.atoms + self.noise * torch.randn(n, self.atoms.shape[1],
+                                                                generator=g)
+        return x * self.scale
 
 
 def score(data: KnownDictionary, W_dec: torch.Tensor, encode_decode) -> dict:

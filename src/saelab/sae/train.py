@@ -34,6 +34,7 @@ from ..core.errors import SaelabError
 from .evals import reconstruction_metrics
 from .autoencoder import SAE, auxk_decode, jumprelu_with_l0, topk_decode
 from .schedules import l0_factor, lr_factor
+from .sparsity import L0Controller, l0_miss, l0_target
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class _Objective(nn.Module):
         recon = resid.pow(2).sum(-1).mean()
         loss = recon
         if sae.arch == "jumprelu":
-            if cfg.sparsity == "l0":
+            if cfg.sparsity != "quadratic_l0":  # l0, and target_l0 with a controlled lam
                 loss = loss + lam * l0_each.mean()
             else:
                 loss = loss + lam * (2.0 / cfg.target_l0) * (l0_each - cfg.target_l0).pow(2).mean()
@@ -161,6 +162,8 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     params = [p for p in sae.parameters()]
     use_aux = cfg.architecture != "jumprelu" and cfg.aux_k > 0
     lam = 0.0
+    controller = L0Controller(cfg) if cfg.architecture == "jumprelu" and \
+        cfg.sparsity == "target_l0" else None
     gnorm = torch.zeros((), device=device)
 
     from tqdm import tqdm
@@ -180,11 +183,14 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         x = x.to(device, torch.float32, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(s, total_steps, cfg)
-        lam = cfg.l0_coeff * l0_factor(s, cfg)
+        lam = controller.lam(st["l0_control"]) if controller else \
+            cfg.l0_coeff * l0_factor(s, cfg)
 
         with autocast:
             loss, recon, fired, f = objective(x, lam, st["dead"], st["n_dead"] if use_aux else 0)
         gnorm = _apply_gradients(sae, opt, loss, params, f, gnorm, world)
+        if controller:
+            controller.update(st["l0_control"], s, _global_l0(fired, len(x), world))
         with torch.no_grad():
             _record_step(st, s, x, loss, recon, fired, gnorm)
         st["step"] = s + 1
@@ -231,7 +237,17 @@ def _fresh_state(d_sae: int, device: torch.device) -> dict[str, Any]:
         "first_bad": torch.full((), -1, dtype=torch.long, device=device),
         "history": [],
         "tokens_seen": 0,
+        "l0_control": L0Controller.fresh_state(device),
     }
+
+
+def _global_l0(fired: torch.Tensor, n_rows: int, world: int) -> torch.Tensor:
+    """The step's L0 over all ranks (every rank's controller must see the same one)."""
+    l0 = fired.sum().double() / n_rows
+    if world > 1:
+        dist.all_reduce(l0)
+        l0 /= world
+    return l0
 
 
 def _find_checkpoint(checkpoint_dir: Path | None, fp: str, rank: int,
@@ -327,7 +343,7 @@ def _close_window(st: dict[str, Any], cfg: SAECfg, *, step: int, d_in: int, worl
         "step": step, "tokens": st["tokens_seen"],
         "loss": w[0] / n_steps, "mse": w[1] / n_steps / d_in, "l0": w[2] / n_steps,
         "fvu": w[1] / w[3] if w[3] > 0 else math.nan,
-        "lr": lr, "lambda": lam,
+        "lr": lr, "lambda": float(lam),
         "grad_norm": float(gnorm),
         "dead_fraction": float((st["since_fired"] >= dead_window).double().mean()),
         "frac_active_gt_1pct": float((density > 0.01).double().mean()),
@@ -358,6 +374,7 @@ def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run:
     else:
         metrics.update({k: last_row.get(k, math.nan) for k in
                         ("mse", "fvu", "l0", "frac_active_gt_1pct", "frac_active_gt_10pct")})
+    metrics.update(l0_miss(metrics["l0"], l0_target(cfg), last_row.get("lambda")))
     if cfg.architecture != "topk":
         theta = sae.threshold.detach().float().cpu()
         for q in THETA_QUANTILES:
