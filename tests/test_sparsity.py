@@ -2,6 +2,7 @@
 miss is reported (metrics, warning); the quadratic penalty it replaces does not get there."""
 import dataclasses
 import logging
+import math
 
 import pytest
 import torch
@@ -65,3 +66,18 @@ def test_lambda_rises_above_the_ceiling_and_falls_below_the_target():
 def test_target_l0_needs_a_starting_lambda():
     with pytest.raises(ConfigError, match="sae.l0_coeff > 0"):
         parse_params({"sae": {"sparsity": "target_l0", "l0_coeff": 0.0}})
+
+
+def test_density_histogram_counts_every_latent_that_fired(tmp_path):
+    from saelab.sae.density import histogram_rows, write_density
+
+    res = run(sparsity="target_l0", target_l0=6.0, steps=40)
+    d = res.density
+    assert d is not None and len(d) == 128
+    assert float((d == 0).double().mean()) == pytest.approx(res.metrics["frac_never_fired"])
+    rows = histogram_rows(d, 1024)
+    assert sum(r["latents"] for r in rows) == int((d > 0).sum())
+    floor = -math.log10(1024)  # one firing in the 1,024 evaluation tokens
+    assert floor - 0.25 < rows[0]["log10_freq"] <= floor and rows[-1]["log10_freq"] < 0
+    png, csv = write_density(d, 1024, tmp_path / "density.png", "t")
+    assert png.stat().st_size > 0 and csv.read_text().startswith("log10_freq,latents")

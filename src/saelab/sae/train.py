@@ -31,7 +31,7 @@ from ..core import atomic
 from . import checkpoint
 from ..core.config import SAECfg
 from ..core.errors import SaelabError
-from .evals import reconstruction_metrics
+from .evals import reconstruction_stats
 from .autoencoder import SAE, auxk_decode, jumprelu_with_l0, topk_decode
 from .schedules import l0_factor, lr_factor
 from .sparsity import L0Controller, l0_miss, l0_target
@@ -51,6 +51,8 @@ class TrainResult:
     sae: SAE
     metrics: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
+    # Each latent's firing frequency on the evaluation batches (None without them).
+    density: torch.Tensor | None = None
 
 
 class _Objective(nn.Module):
@@ -215,10 +217,10 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     _check_finite(st, total_steps, checkpoint_dir)
 
     sae.eval()
-    metrics = _final_metrics(sae, st, total_steps=total_steps, steps_run=steps_run,
-                             elapsed=elapsed, eval_batches=eval_batches,
-                             n_eval=eval_n_batches or max(1, cfg.eval_tokens // local_bs))
-    return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]))
+    metrics, density = _final_metrics(
+        sae, st, total_steps=total_steps, steps_run=steps_run, elapsed=elapsed,
+        eval_batches=eval_batches, n_eval=eval_n_batches or max(1, cfg.eval_tokens // local_bs))
+    return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]), density=density)
 
 
 # --- the pieces of a training run ------------------------------------------------------
@@ -357,9 +359,10 @@ def _close_window(st: dict[str, Any], cfg: SAECfg, *, step: int, d_in: int, worl
 
 def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run: int,
                    elapsed: float, eval_batches: Iterator[torch.Tensor] | None,
-                   n_eval: int) -> dict[str, Any]:
-    """Throughput and the last window's figures; reconstruction on `eval_batches` if given;
-    threshold quantiles for the architectures that have thresholds."""
+                   n_eval: int) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Throughput and the last window's figures; reconstruction (and the firing density per
+    latent) on `eval_batches` if given; threshold quantiles for the architectures that have
+    thresholds; the L0 target and its miss."""
     cfg = sae.cfg
     last_row = st["history"][-1] if st["history"] else {}
     metrics: dict[str, Any] = {
@@ -369,17 +372,20 @@ def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run:
         "final_loss": last_row.get("loss", math.nan),
         "dead_fraction": last_row.get("dead_fraction", math.nan),
     }
+    density = None
     if eval_batches is not None:
-        metrics.update(reconstruction_metrics(sae, eval_batches, n_eval))
+        recon, density = reconstruction_stats(sae, eval_batches, n_eval)
+        metrics.update(recon)
     else:
         metrics.update({k: last_row.get(k, math.nan) for k in
                         ("mse", "fvu", "l0", "frac_active_gt_1pct", "frac_active_gt_10pct")})
-    metrics.update(l0_miss(metrics["l0"], l0_target(cfg), last_row.get("lambda")))
+    metrics.update(l0_miss(metrics["l0"], l0_target(cfg), last_row.get("lambda")
+                           if cfg.architecture == "jumprelu" else None))
     if cfg.architecture != "topk":
         theta = sae.threshold.detach().float().cpu()
         for q in THETA_QUANTILES:
             metrics[f"theta_q{int(q * 100)}"] = float(theta.quantile(q))
-    return metrics
+    return metrics, density
 
 
 # --- streaming: activations straight from the model, shuffled in memory ----------------
@@ -421,6 +427,7 @@ def shuffled_batches(chunks: Iterator[torch.Tensor], *, capacity: int, batch_siz
 _TL_HOOK_NAMES = {"mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post",
                   "mlp_act": "mlp.hook_post", "mlp_in": "ln2.hook_normalized"}
 CURVES_CSV = "curves.csv"
+DENSITY_PNG = "density.png"  # and density.csv beside it
 CURVE_COLUMNS = ("step", "loss", "mse", "l0", "fvu", "lr", "lambda")
 
 
@@ -550,6 +557,7 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     from ..core import paths
     from ..core.plots import write_csv
     from .autoencoder import export_sae
+    from .density import write_density
     from ..core.tracking import log_artifact, log_metrics, set_tags
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
@@ -582,8 +590,11 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(paths.TRAIN_METRICS, json.dumps(report, indent=2) + "\n")
     write_csv(paths.TRAIN_DIR / CURVES_CSV, result.history, list(CURVE_COLUMNS))
+    density_files = [] if result.density is None else write_density(
+        result.density, metrics["eval_tokens"], paths.TRAIN_DIR / DENSITY_PNG,
+        f"{cfg.architecture} d_sae={cfg.d_sae}: feature density ({report['sources']['eval']})")
     log_metrics({"final": metrics})
-    for p in (paths.TRAIN_METRICS, paths.TRAIN_DIR / CURVES_CSV):
+    for p in (paths.TRAIN_METRICS, paths.TRAIN_DIR / CURVES_CSV, *density_files):
         log_artifact(p, "train")
     log_artifact(paths.SAE_DIR, "sae")
     log.info("SAE exported to %s: FVU %.4f, L0 %.2f, dead %.3f, %.0f tokens/s", paths.SAE_DIR,
