@@ -87,8 +87,7 @@ class L0Controller:
     def update(self, state: torch.Tensor, step: int, l0: torch.Tensor) -> None:
         """Account for the L0 (a scalar tensor, global across ranks) of step `step`."""
         log_l0 = torch.log(l0.double().clamp(min=1e-3))
-        if step == 0 or torch.isnan(state[1]):
-            state[1] = log_l0
+        state[1] = torch.where(torch.isnan(state[1]), log_l0, state[1])  # no host sync
         # The band [L0*, ramp]: no error inside it (it closes when the warm-up ends).
         above = (log_l0 - self.target(state, step + 1)).clamp(min=0.0)
         below = (log_l0 - math.log(self.cfg.target_l0)).clamp(max=0.0)
