@@ -30,7 +30,8 @@ SAELens's JumpReLU reached on the same seed and lr (matched L0):
 
     nice .venv/bin/python bench/recovery.py --generator powerlaw --d-in 128 --atoms 1024 \
         --expected-l0 8 --d-sae 2048 --batch 1024 --steps 600 --lrs 3e-3,1e-2 --k 8 \
-        --l0-coeff 3e-3 --seeds 0,1,2 --only "jumprelu (default),sae_lens jumprelu,L0 of,topk (default),sae_lens topk"
+        --l0-coeff 3e-3 --seeds 0,1,2 \
+        --only "jumprelu (default),sae_lens jumprelu,L0 of,topk (default),sae_lens topk"
 """
 from __future__ import annotations
 
