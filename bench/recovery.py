@@ -21,12 +21,24 @@ and is judged at its best one.
     .venv/bin/python bench/recovery.py   # ours (JumpReLU log/raw theta, TopK) + SAELens
                                          # (SAELens comes with `make test`'s dev extras)
     .venv/bin/python bench/recovery.py --seeds 0,1,2 --lrs 3e-3,1e-2
+
+Harder set (issue 18, --generator powerlaw): PowerLawDictionary below, d_in 128, 1,024
+atoms, firing probabilities from 0.2 down to 1e-4 (mean L0 8 plus co-firing partners),
+log-normal magnitudes; recovery is also reported per frequency tercile (frequent,
+middle, rare), and "saelab jumprelu (L0 of sae_lens)" runs our L0 controller at the L0
+SAELens's JumpReLU reached on the same seed and lr (matched L0):
+
+    nice .venv/bin/python bench/recovery.py --generator powerlaw --d-in 128 --atoms 1024 \
+        --expected-l0 8 --d-sae 2048 --batch 1024 --steps 600 --lrs 3e-3,1e-2 --k 8 \
+        --l0-coeff 3e-3 --seeds 0,1,2 \
+        --only "jumprelu (default),sae_lens jumprelu,L0 of,topk (default),sae_lens topk"
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import itertools
+import math
 import time
 
 import torch
@@ -57,6 +69,44 @@ class KnownDictionary:
             yield self.sample(n, i)
 
 
+class PowerLawDictionary(KnownDictionary):
+    """The harder set (issue 18): firing probabilities on a shifted power law in rank,
+    p_i = p_max ((1 + i0) / (i + i0))^alpha, from `p_max` (rank 1) down to `rarest` (last
+    rank), i0 and alpha solved so sum p = expected_l0 (a pure power law with p_n = 1e-4
+    and mean L0 8 over 1,024 atoms would need p_1 > 1); magnitudes log-normal (median 1,
+    sigma `mag_sigma`); atom pairs (2j, 2j+1) for j < n_pairs co-fire: when the first
+    fires, the second also fires with prob. `pair_p`. Atoms are numbered by frequency, so
+    terciles of the index are frequency terciles."""
+
+    def __init__(self, d_in: int, n_atoms: int, expected_l0: float, noise: float, seed: int,
+                 p_max: float = 0.2, rarest: float = 1e-4, mag_sigma: float = 0.5,
+                 n_pairs: int = 64, pair_p: float = 0.5):
+        rank = torch.arange(1, n_atoms + 1, dtype=torch.float64)
+
+        def probs(i0: float) -> torch.Tensor:
+            alpha = math.log(p_max / rarest) / math.log((n_atoms + i0) / (1 + i0))
+            return p_max * ((1 + i0) / (rank + i0)) ** alpha
+
+        lo, hi = 0.0, 1e6  # the sum grows with i0 (a flatter head)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if probs(mid).sum() < expected_l0 else (lo, mid)
+        self.probs = probs(lo).float()
+        self.mag_sigma, self.n_pairs, self.pair_p = mag_sigma, min(n_pairs, n_atoms // 2), pair_p
+        super().__init__(d_in, n_atoms, expected_l0, noise, seed)
+
+    def sample(self, n: int, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        on = torch.rand(n, len(self.atoms), generator=g) < self.probs
+        lead = on[:, 0:2 * self.n_pairs:2]
+        follow = torch.rand(n, self.n_pairs, generator=g) < self.pair_p
+        on[:, 1:2 * self.n_pairs:2] |= lead & follow
+        mags = torch.exp(self.mag_sigma * torch.randn(n, len(self.atoms), generator=g))
+        x = (on * mags) @ self.atoms + self.noise * torch.randn(n, self.atoms.shape[1],
+                                                                generator=g)
+        return x * self.scale
+
+
 def score(data: KnownDictionary, W_dec: torch.Tensor, encode_decode) -> dict:
     W = W_dec.detach().float()
     W = W / W.norm(dim=1, keepdim=True)
@@ -65,7 +115,12 @@ def score(data: KnownDictionary, W_dec: torch.Tensor, encode_decode) -> dict:
     with torch.no_grad():
         x_hat, f = encode_decode(x)
     fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    return {"recovered": float((best > 0.9).float().mean()), "l0": float((f > 0).sum(-1).float().mean()),
+    hit = (best > 0.9).float()
+    # Atoms are numbered from the most to the least frequent on the power-law set (all
+    # equally frequent on the uniform one): terciles of the index, frequent first.
+    terciles = {f"t{i + 1}": float(part.mean()) for i, part in enumerate(hit.chunk(3))}
+    return {"recovered": float(hit.mean()), **terciles,
+            "l0": float((f > 0).sum(-1).float().mean()),
             "fvu": float(fvu), "dead": float(((f > 0).sum(0) == 0).float().mean())}
 
 
@@ -75,12 +130,15 @@ def beta1(arch: str) -> float:
 
 
 def ours(data: KnownDictionary, args, lr: float, arch: str, theta_param: str = "raw",
-         decoder_norm: str = "auto") -> dict:
+         decoder_norm: str = "auto", target_l0: float | None = None) -> dict:
+    """Our trainer; with `target_l0`, JumpReLU through the L0 controller (sae.sparsity
+    target_l0) instead of the fixed lambda."""
+    sparsity = {} if target_l0 is None else {"sparsity": "target_l0", "target_l0": target_l0}
     cfg = dataclasses.replace(
         SAECfg(), architecture=arch, d_sae=args.d_sae, batch_size=args.batch,
         decoder_norm=decoder_norm,
         lr_warmup_steps=args.lr_warmup, l0_warmup_steps=args.l0_warmup, lr_decay="constant",
-        l0_coeff=args.l0_coeff, theta_param=theta_param, k=args.k, log_every=100)
+        l0_coeff=args.l0_coeff, theta_param=theta_param, k=args.k, log_every=100, **sparsity)
     t = time.perf_counter()
     res = train(cfg, data.batches(args.batch), d_in=data.atoms.shape[1],
                 n_tokens=args.batch * args.steps, lr=lr, device="cpu", seed=data.seed)
@@ -133,8 +191,18 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated dictionary/init seeds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated subset of the rows below")
+    ap.add_argument("--generator", choices=("uniform", "powerlaw"), default="uniform",
+                    help="powerlaw: PowerLawDictionary (issue 18's harder set)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # SAELens JumpReLU's L0 per (seed, lr): the matched-L0 row targets it with our controller.
+    saelens_l0: dict[tuple[int, float], float] = {}
+
+    def saelens_jumprelu(d, lr):
+        r = saelens(d, args, lr, "jumprelu")
+        saelens_l0[d.seed, lr] = r["l0"]
+        return r
+
     runs = {
         "saelab jumprelu (default)": lambda d, lr: ours(d, args, lr, "jumprelu"),
         "saelab jumprelu (log theta)": lambda d, lr: ours(d, args, lr, "jumprelu", "log"),
@@ -143,13 +211,16 @@ def main() -> None:
         "saelab topk (default)": lambda d, lr: ours(d, args, lr, "topk"),
         "saelab topk (unit decoder)": lambda d, lr: ours(d, args, lr, "topk",
                                                          decoder_norm="unit"),
-        "sae_lens jumprelu": lambda d, lr: saelens(d, args, lr, "jumprelu"),
+        "sae_lens jumprelu": saelens_jumprelu,
+        # Runs after the SAELens row of the same lr and seed: JumpReLU at its L0.
+        "saelab jumprelu (L0 of sae_lens)": lambda d, lr: ours(
+            d, args, lr, "jumprelu", target_l0=saelens_l0[d.seed, lr]),
         "sae_lens topk": lambda d, lr: saelens(d, args, lr, "topk"),
     }
     try:
         import sae_lens  # noqa: F401
     except ImportError:
-        runs = {k: v for k, v in runs.items() if not k.startswith("sae_lens")}
+        runs = {k: v for k, v in runs.items() if "sae_lens" not in k}
         print("sae_lens is not installed here: SAELens rows skipped")
     if args.only:
         runs = {k: v for k, v in runs.items() if any(o.strip() in k for o in args.only.split(","))}
@@ -158,22 +229,23 @@ def main() -> None:
     print(f"setting: d_in={args.d_in} atoms={args.atoms} E[L0]={args.expected_l0} "
           f"noise={args.noise} d_sae={args.d_sae} batch={args.batch} steps={args.steps} "
           f"tokens={args.batch * args.steps} l0_coeff={args.l0_coeff} k={args.k} seeds={seeds}")
-    print(f"{'trainer':31s} {'lr':>7s} {'recovered':>9s} {'min':>6s} {'L0':>6s} {'FVU':>7s} "
-          f"{'dead':>6s} {'seconds':>8s}")
-    datasets = [KnownDictionary(args.d_in, args.atoms, args.expected_l0, args.noise, s)
-                for s in seeds]
+    print(f"{'trainer':32s} {'lr':>7s} {'recovered':>9s} {'min':>6s} {'frequent':>8s} "
+          f"{'middle':>6s} {'rare':>6s} {'L0':>6s} {'FVU':>7s} {'dead':>6s} {'seconds':>8s}")
+    gen = PowerLawDictionary if args.generator == "powerlaw" else KnownDictionary
+    datasets = [gen(args.d_in, args.atoms, args.expected_l0, args.noise, s) for s in seeds]
     best: dict[str, tuple[float, float]] = {}
-    for (name, run), lr in itertools.product(runs.items(), lrs):
+    for lr, (name, run) in itertools.product(lrs, runs.items()):
         rs = [run(d, lr) for d in datasets]
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
         worst = min(r["recovered"] for r in rs)
-        print(f"{name:31s} {lr:7.0e} {mean['recovered']:9.3f} {worst:6.3f} {mean['l0']:6.2f} "
-              f"{mean['fvu']:7.4f} {mean['dead']:6.3f} {mean['seconds']:8.1f}", flush=True)
+        print(f"{name:32s} {lr:7.0e} {mean['recovered']:9.3f} {worst:6.3f} {mean['t1']:8.3f} "
+              f"{mean['t2']:6.3f} {mean['t3']:6.3f} {mean['l0']:6.2f} {mean['fvu']:7.4f} "
+              f"{mean['dead']:6.3f} {mean['seconds']:8.1f}", flush=True)
         if mean["recovered"] > best.get(name, (-1.0, 0.0))[0]:
             best[name] = (mean["recovered"], lr)
     print("\nat each trainer's best learning rate (mean over seeds):")
     for name, (rec, lr) in best.items():
-        print(f"{name:31s} {lr:7.0e} {rec:9.3f}")
+        print(f"{name:32s} {lr:7.0e} {rec:9.3f}")
 
 
 if __name__ == "__main__":

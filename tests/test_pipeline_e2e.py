@@ -63,7 +63,8 @@ def test_every_output_exists(pipeline):
                 "data/activations/manifest.json", "reports/scaling/fit.json", "reports/budget.json",
                 "reports/budget.md", "reports/scaling/loss_vs_size.png", "models/sae/cfg.json",
                 "models/sae/sae_weights.safetensors", "reports/train/metrics.json",
-                "reports/train/curves.csv", "reports/interpret/index.html",
+                "reports/train/curves.csv", "reports/train/density.png",
+                "reports/train/density.csv", "reports/interpret/index.html",
                 "reports/interpret/requests.jsonl", "reports/interpret_metrics.json"]:
         assert (pipeline / rel).exists(), rel
 

@@ -103,6 +103,13 @@ def _cmd_upload_sae(args) -> int:
     return 0
 
 
+def _cmd_pareto(args) -> int:
+    from .sae.pareto import main as pareto_main
+
+    pareto_main(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saelab", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -161,6 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     for p in uploads + [p]:
         p.add_argument("repo_id")
         p.add_argument("--public", action="store_true")
+
+    p = sub.add_parser("pareto", help="train target L0s x seeds on the store; plot FVU and "
+                       "delta LM loss vs L0 with 95%% intervals (reports/pareto)")
+    p.add_argument("--targets", default="8,16,32,64,128", help="comma-separated target L0s")
+    p.add_argument("--seeds", type=int, default=3, help="seeds run.seed, run.seed + 1, ...")
+    p.add_argument("--archs", default="jumprelu,topk,batchtopk",
+                   help="comma-separated: jumprelu (L0 controller), topk, batchtopk (k = target)")
+    p.add_argument("--tokens", type=int, help="training tokens per SAE (default: train_sae's)")
+    p.add_argument("--out", default="reports/pareto")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=_cmd_pareto)
 
     args = parser.parse_args(argv)
     try:

@@ -150,9 +150,11 @@ class SAECfg:
     lr_warmup_start: float = rng(0.1, 0.0, 1.0)
     lr_decay: str = choice("cosine", "cosine", "constant")
     clip_grad_norm: float = rng(1.0, 0.0)
-    # Sparsity: `l0` is lambda * ||f||_0 (Gemma Scope); `target_l0` is Gemma Scope 2's
-    # quadratic penalty lambda * (2 / L0*) * (||f||_0 - L0*)^2.
-    sparsity: str = choice("l0", "l0", "target_l0")
+    # Sparsity (JumpReLU): `l0` is lambda * ||f||_0 (Gemma Scope); `target_l0` is the same
+    # penalty with lambda controlled during training until the L0 is target_l0 (l0_coeff is
+    # its starting value; saelab.sae.sparsity); `quadratic_l0` is Gemma Scope 2's penalty
+    # lambda * (2 / L0*) * (||f||_0 - L0*)^2, a preference that settles above L0*.
+    sparsity: str = choice("l0", "l0", "target_l0", "quadratic_l0")
     l0_coeff: float = rng(1.0e-3, 0.0)
     target_l0: float = rng(32.0, 0.0, lo_open=True)
     l0_warmup_steps: int = rng(10_000, 0)
@@ -375,6 +377,9 @@ class Params:
             raise ConfigError("model.hidden_size must be a multiple of model.num_attention_heads")
         if self.sae.architecture != "jumprelu" and self.sae.k > self.sae.d_sae:
             raise ConfigError(f"sae.k = {self.sae.k} exceeds sae.d_sae = {self.sae.d_sae}")
+        if self.sae.sparsity == "target_l0" and self.sae.l0_coeff == 0:
+            raise ConfigError("sae.sparsity = target_l0 scales its controlled lambda from "
+                              "sae.l0_coeff, which is 0; set sae.l0_coeff > 0 (e.g. 1.0e-3)")
         if len(self.scaling.d_sae_grid) < 1 or len(self.scaling.lr_grid) < 1:
             raise ConfigError("scaling.d_sae_grid and scaling.lr_grid must not be empty")
 

@@ -16,13 +16,19 @@ from ..activations.hooks import hook_module
 from .autoencoder import SAE
 
 
-@torch.no_grad()
 def reconstruction_metrics(sae: SAE, batches: Iterator[torch.Tensor], n_batches: int) -> dict:
     """MSE (per element), FVU, L0 and firing densities over `n_batches` batches.
 
     The batches must be in the space the SAE takes (normalised for a training SAE, raw for
     an exported one). FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens.
     """
+    return reconstruction_stats(sae, batches, n_batches)[0]
+
+
+@torch.no_grad()
+def reconstruction_stats(sae: SAE, batches: Iterator[torch.Tensor],
+                         n_batches: int) -> tuple[dict, torch.Tensor]:
+    """reconstruction_metrics, and each latent's firing frequency (float64, on the CPU)."""
     was_training = sae.training
     sae.eval()
     dev = sae.W_enc.device
@@ -53,7 +59,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterator[torch.Tensor], n_batches:
         "frac_active_gt_10pct": float((density > 0.1).double().mean()),
         "frac_never_fired": float((density == 0).double().mean()),
         "eval_tokens": n,
-    }
+    }, density.cpu()
 
 
 @contextlib.contextmanager

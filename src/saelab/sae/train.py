@@ -32,9 +32,10 @@ from . import checkpoint
 from ..core.config import SAECfg
 from ..core.errors import SaelabError
 from ..activations.hooks import saelens_hook_name
-from .evals import reconstruction_metrics
+from .evals import reconstruction_stats
 from .autoencoder import SAE, auxk_decode, jumprelu_with_l0, topk_decode
 from .schedules import l0_factor, lr_factor
+from .sparsity import L0Controller, l0_miss, l0_target
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class TrainResult:
     sae: SAE
     metrics: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
+    # Each latent's firing frequency on the evaluation batches (None without them).
+    density: torch.Tensor | None = None
 
 
 class _Objective(nn.Module):
@@ -80,7 +83,7 @@ class _Objective(nn.Module):
         recon = resid.pow(2).sum(-1).mean()
         loss = recon
         if sae.arch == "jumprelu":
-            if cfg.sparsity == "l0":
+            if cfg.sparsity != "quadratic_l0":  # l0, and target_l0 with a controlled lam
                 loss = loss + lam * l0_each.mean()
             else:
                 loss = loss + lam * (2.0 / cfg.target_l0) * (l0_each - cfg.target_l0).pow(2).mean()
@@ -162,6 +165,8 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     params = [p for p in sae.parameters()]
     use_aux = cfg.architecture != "jumprelu" and cfg.aux_k > 0
     lam = 0.0
+    controller = L0Controller(cfg) if cfg.architecture == "jumprelu" and \
+        cfg.sparsity == "target_l0" else None
     gnorm = torch.zeros((), device=device)
 
     from ..core.progress import Progress
@@ -182,11 +187,14 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         x = x.to(device, torch.float32, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(s, total_steps, cfg)
-        lam = cfg.l0_coeff * l0_factor(s, cfg)
+        lam = controller.lam(st["l0_control"]) if controller else \
+            cfg.l0_coeff * l0_factor(s, cfg)
 
         with autocast:
             loss, recon, fired, f = objective(x, lam, st["dead"], st["n_dead"] if use_aux else 0)
         gnorm = _apply_gradients(sae, opt, loss, params, f, gnorm, world)
+        if controller:
+            controller.update(st["l0_control"], s, _global_l0(fired, len(x), world))
         with torch.no_grad():
             _record_step(st, s, x, loss, recon, fired, gnorm)
         st["step"] = s + 1
@@ -213,10 +221,10 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     _check_finite(st, total_steps, checkpoint_dir)
 
     sae.eval()
-    metrics = _final_metrics(sae, st, total_steps=total_steps, steps_run=steps_run,
-                             elapsed=elapsed, eval_batches=eval_batches,
-                             n_eval=eval_n_batches or max(1, cfg.eval_tokens // local_bs))
-    return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]))
+    metrics, density = _final_metrics(
+        sae, st, total_steps=total_steps, steps_run=steps_run, elapsed=elapsed,
+        eval_batches=eval_batches, n_eval=eval_n_batches or max(1, cfg.eval_tokens // local_bs))
+    return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]), density=density)
 
 
 # --- the pieces of a training run ------------------------------------------------------
@@ -235,7 +243,17 @@ def _fresh_state(d_sae: int, device: torch.device) -> dict[str, Any]:
         "first_bad": torch.full((), -1, dtype=torch.long, device=device),
         "history": [],
         "tokens_seen": 0,
+        "l0_control": L0Controller.fresh_state(device),
     }
+
+
+def _global_l0(fired: torch.Tensor, n_rows: int, world: int) -> torch.Tensor:
+    """The step's L0 over all ranks (every rank's controller must see the same one)."""
+    l0 = fired.sum().double() / n_rows
+    if world > 1:
+        dist.all_reduce(l0)
+        l0 /= world
+    return l0
 
 
 def _find_checkpoint(checkpoint_dir: Path | None, fp: str, rank: int,
@@ -331,7 +349,7 @@ def _close_window(st: dict[str, Any], cfg: SAECfg, *, step: int, d_in: int, worl
         "step": step, "tokens": st["tokens_seen"],
         "loss": w[0] / n_steps, "mse": w[1] / n_steps / d_in, "l0": w[2] / n_steps,
         "fvu": w[1] / w[3] if w[3] > 0 else math.nan,
-        "lr": lr, "lambda": lam,
+        "lr": lr, "lambda": float(lam),
         "grad_norm": float(gnorm),
         "dead_fraction": float((st["since_fired"] >= dead_window).double().mean()),
         "frac_active_gt_1pct": float((density > 0.01).double().mean()),
@@ -345,9 +363,10 @@ def _close_window(st: dict[str, Any], cfg: SAECfg, *, step: int, d_in: int, worl
 
 def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run: int,
                    elapsed: float, eval_batches: Iterator[torch.Tensor] | None,
-                   n_eval: int) -> dict[str, Any]:
-    """Throughput and the last window's figures; reconstruction on `eval_batches` if given;
-    threshold quantiles for the architectures that have thresholds."""
+                   n_eval: int) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Throughput and the last window's figures; reconstruction (and the firing density per
+    latent) on `eval_batches` if given; threshold quantiles for the architectures that have
+    thresholds; the L0 target and its miss."""
     cfg = sae.cfg
     last_row = st["history"][-1] if st["history"] else {}
     metrics: dict[str, Any] = {
@@ -357,16 +376,20 @@ def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run:
         "final_loss": last_row.get("loss", math.nan),
         "dead_fraction": last_row.get("dead_fraction", math.nan),
     }
+    density = None
     if eval_batches is not None:
-        metrics.update(reconstruction_metrics(sae, eval_batches, n_eval))
+        recon, density = reconstruction_stats(sae, eval_batches, n_eval)
+        metrics.update(recon)
     else:
         metrics.update({k: last_row.get(k, math.nan) for k in
                         ("mse", "fvu", "l0", "frac_active_gt_1pct", "frac_active_gt_10pct")})
+    metrics.update(l0_miss(metrics["l0"], l0_target(cfg), last_row.get("lambda")
+                           if cfg.architecture == "jumprelu" else None))
     if cfg.architecture != "topk":
         theta = sae.threshold.detach().float().cpu()
         for q in THETA_QUANTILES:
             metrics[f"theta_q{int(q * 100)}"] = float(theta.quantile(q))
-    return metrics
+    return metrics, density
 
 
 # --- streaming: activations straight from the model, shuffled in memory ----------------
@@ -406,6 +429,7 @@ def shuffled_batches(chunks: Iterator[torch.Tensor], *, capacity: int, batch_siz
 # --- the train_sae stage ---------------------------------------------------------------
 
 CURVES_CSV = "curves.csv"
+DENSITY_PNG = "density.png"  # and density.csv beside it
 CURVE_COLUMNS = ("step", "loss", "mse", "l0", "fvu", "lr", "lambda")
 
 
@@ -548,6 +572,7 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     from ..core import paths
     from ..core.plots import write_csv
     from .autoencoder import export_sae
+    from .density import write_density
     from ..core.tracking import log_artifact, log_metrics, set_tags
 
     cfg, ex, seed = params.sae, params.extract, params.run.seed
@@ -580,8 +605,11 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(paths.TRAIN_METRICS, json.dumps(report, indent=2) + "\n")
     write_csv(paths.TRAIN_DIR / CURVES_CSV, result.history, list(CURVE_COLUMNS))
+    density_files = [] if result.density is None else write_density(
+        result.density, metrics["eval_tokens"], paths.TRAIN_DIR / DENSITY_PNG,
+        f"{cfg.architecture} d_sae={cfg.d_sae}: feature density ({report['sources']['eval']})")
     log_metrics({"final": metrics})
-    for p in (paths.TRAIN_METRICS, paths.TRAIN_DIR / CURVES_CSV):
+    for p in (paths.TRAIN_METRICS, paths.TRAIN_DIR / CURVES_CSV, *density_files):
         log_artifact(p, "train")
     log_artifact(paths.SAE_DIR, "sae")
     log.info("SAE exported to %s: FVU %.4f, L0 %.2f, dead %.3f, %.0f tokens/s", paths.SAE_DIR,

@@ -13,7 +13,8 @@ cut); pilots train on shuffled batches of everything before them and never see t
 The loss of the laws is the training objective on that held-out slice, in the
 normalised space the SAE is trained in (E||x||^2 = 1), at the full sparsity coefficient:
     ||x - x_hat||^2 + lambda L0           (sae.sparsity = l0)
-    ||x - x_hat||^2 + lambda (2/L0*)(L0 - L0*)^2 at the mean L0   (target_l0)
+    ||x - x_hat||^2 + lambda (2/L0*)(L0 - L0*)^2 at the mean L0   (target_l0,
+                                                                   quadratic_l0)
     ||x - x_hat||^2                       (topk / batchtopk: L0 is fixed by k)
 Reconstruction error alone would reward an lr that merely buys density; the objective
 is what the optimiser is asked to minimise, so its best lr is the one to carry over.
