@@ -40,6 +40,7 @@ from ..core import paths
 from ..core.config import ExtractCfg, Params
 from ..core.errors import SaelabError
 from ..core.runtime import rank_world
+from ..core.tracking import log_metrics
 from .hooks import capture, hook_dim, hook_module
 from .ranks import ran_out
 from .store import STORE_DTYPES, StoreWriter, check_disk, estimate_bytes
@@ -346,10 +347,13 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
         writer = ranks.assemble(out_dir, writer.header, world)
         elapsed = time.perf_counter() - t0
         left, rate = cfg.n_tokens, cfg.n_tokens / elapsed  # every rank's vectors
+    # Timings and what a resumed run found done go to MLflow only: the manifest is tracked
+    # by DVC, and a resumed store must be byte-identical to an uninterrupted one.
+    log_metrics({"extract": {"tokens_per_s": rate, "seconds": elapsed,
+                             "resumed_shards": kept_shards}})
     manifest = writer.finalize(
         {**(meta or {}), "layer": cfg.layer, "hook": cfg.hook, "compute_dtype": compute,
-         "device": str(device), "outlier_k": cfg.outlier_k, "tokens_per_s": rate,
-         "elapsed_s": elapsed, "resumed_shards": kept_shards, "processes": world,
+         "device": str(device), "outlier_k": cfg.outlier_k, "processes": world,
          "config": dataclasses.asdict(cfg)},
         vocab_size=model.config.vocab_size, special_ids=specials,
         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id) if writer else None
@@ -432,7 +436,7 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
 
 
 def _run(params: Params) -> None:
-    from ..core.tracking import log_artifact, log_metrics
+    from ..core.tracking import log_artifact
 
     import torch.distributed as dist
 
@@ -441,8 +445,7 @@ def _run(params: Params) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    log_metrics({"extract": {"tokens_per_s": manifest["tokens_per_s"],
-                             "scale": manifest["scale"],
+    log_metrics({"extract": {"scale": manifest["scale"],
                              "norm": manifest["norm"]["percentiles"],
                              "excluded": manifest["excluded"]}})
     log_artifact(paths.ACTIVATIONS_DIR / "manifest.json")

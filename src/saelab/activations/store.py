@@ -329,7 +329,7 @@ class StoreWriter:
     def finalize(self, meta: dict[str, Any], *, vocab_size: int, special_ids: Collection[int],
                  bos_id: int, eos_id: int) -> dict[str, Any]:
         """Write rows.npy and manifest.json; return the manifest. `meta` adds the extractor's
-        fields (model, revision, layer, hook, tokens/s, ...)."""
+        fields (model, revision, layer, hook, ...; no timings: DVC tracks the manifest)."""
         if not self.done:
             raise RuntimeError(f"{len(self.shards)} of {self.num_shards} shards written")
         ctx = self.header["context_len"]

@@ -61,8 +61,10 @@ LR_CSV = paths.SCALING_DIR / "lr_star_vs_size.csv"
 LOSS_PNG = paths.SCALING_DIR / "loss_vs_size.png"
 LR_CURVES_PNG = paths.SCALING_DIR / "lr_curves.png"
 LR_STAR_PNG = paths.SCALING_DIR / "lr_star_vs_size.png"
+# No timings (tokens/s, seconds): pilots.csv and fit.json are tracked by DVC and must be
+# byte-identical on rerun; each pilot's MLflow run has them.
 PILOT_COLUMNS = ["d_sae", "lr", "seed", "status", "loss", "mse", "fvu", "l0", "dead_fraction",
-                 "tokens", "tokens_per_s", "seconds", "error"]
+                 "tokens", "error"]
 
 
 # --- one pilot -------------------------------------------------------------------------
