@@ -169,19 +169,23 @@ def test_bf16_store_and_outlier_filter(model, tok, tmp_path):
 def test_resume_after_crash_and_restart_on_new_inputs(model, tok, tmp_path, caplog):
     ref = extract_store(model, tok, texts(), CFG, tmp_path / "ref", device="cpu", inputs={})
 
-    calls = []
+    def crashed(inputs):
+        calls = []
 
-    def crash(*_):
-        calls.append(1)
-        if len(calls) == 5:  # the fifth forward: shards 0 and 1 (1536 tokens each) are done
-            raise RuntimeError("simulated crash")
+        def crash(*_):
+            calls.append(1)
+            if len(calls) == 5:  # the fifth forward: the first shard (1536 tokens) is done
+                raise RuntimeError("simulated crash")
 
-    handle = model.model.layers[0].register_forward_hook(crash)
-    try:
-        with pytest.raises(RuntimeError, match="simulated"):
-            extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={})
-    finally:
-        handle.remove()
+        handle = model.model.layers[0].register_forward_hook(crash)
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu",
+                              inputs=inputs)
+        finally:
+            handle.remove()
+
+    crashed({})
     assert not (tmp_path / "s/manifest.json").exists()
     assert not list((tmp_path / "s").glob("*.tmp"))
     with caplog.at_level("INFO", "saelab.activations.store"):
@@ -189,18 +193,56 @@ def test_resume_after_crash_and_restart_on_new_inputs(model, tok, tmp_path, capl
     assert 0 < int(re.search(r"after (\d+) complete shard", caplog.text).group(1)) < 4
     # DVC tracks the manifest: resumed or not, not a byte differs (no timings in it)
     assert (tmp_path / "s/manifest.json").read_bytes() == (tmp_path / "ref/manifest.json").read_bytes()
-    # other inputs: the finished store is replaced, not resumed
+    # Other inputs: the store is built beside the finished one, which a crash leaves whole.
+    old = _stats(tmp_path / "s", m)
+    crashed({"x": 1})
+    assert _stats(tmp_path / "s", m) == old and ActivationStore(tmp_path / "s").verify() == []
+    assert list((tmp_path / "s/.next").glob("shard-*"))
     caplog.clear()
     with caplog.at_level("INFO", "saelab.activations.store"):
         m2 = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu",
                            inputs={"x": 1})
-    assert "resuming" not in caplog.text and m2["fingerprint"] != m["fingerprint"]
+    assert re.search(r"resuming \S+/\.next after [1-3] complete shard", caplog.text)
+    # ... and replaces it once finished: same files as a store built from scratch
+    assert m2["fingerprint"] != m["fingerprint"] and not (tmp_path / "s/.next").exists()
+    store = ActivationStore(tmp_path / "s")
+    assert store.manifest == m2 and store.verify() == [] and _hashes(m2) == _hashes(ref)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "ref").iterdir())
     # a finished, matching store is kept as is (minus leftovers of an interrupted finish)
     (tmp_path / "s/manifest.partial.json").write_text("{}")
     before = _stats(tmp_path / "s", m2)
     m3 = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={"x": 1})
     assert m3 == m2 and _stats(tmp_path / "s", m3) == before
     assert not (tmp_path / "s/manifest.partial.json").exists()
+
+
+def test_a_kill_while_the_new_store_moves_in_is_finished_by_the_rerun(model, tok, tmp_path,
+                                                                       monkeypatch):
+    import saelab.activations.extract as extract_mod
+    from saelab.activations import store as store_mod
+
+    extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={})
+    with monkeypatch.context() as mp:  # finished in .next, not moved in yet
+        mp.setattr(extract_mod, "promote", lambda out_dir: None)
+        new = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu",
+                            inputs={"x": 1})
+    moved = []
+
+    def killed(src, dst):  # the kill: after three files moved
+        if len(moved) == 3:
+            raise KeyboardInterrupt
+        moved.append(src)
+        os.rename(src, dst)
+
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(store_mod.os, "replace", killed)
+        store_mod.promote(tmp_path / "s")
+    assert not (tmp_path / "s/manifest.json").exists()  # no manifest: no half store passes
+    again = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu",
+                          inputs={"x": 1})
+    assert again == new and ActivationStore(tmp_path / "s").verify() == []
+    assert not (tmp_path / "s/.next").exists()
 
 
 def _stats(store: Path, manifest) -> list[tuple[int, int]]:
