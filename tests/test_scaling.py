@@ -295,6 +295,22 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     assert "metrics.degenerate" in parents.columns
 
 
+def test_pilots_ignore_the_train_only_keys(tmp_path):
+    # dvc.yaml leaves these out of fit_scaling_laws' params: changing them (an lr sweep of
+    # train_sae) must not change a pilot.
+    from saelab.scaling.laws import TRAIN_ONLY, run_pilot
+
+    make_store(tmp_path / "store", n_tokens=2048)
+    other = {"lr": 0.5, "n_tokens": 123, "max_epochs": 9.0, "stream": True,
+             "shuffle_buffer": 7, "stream_lanes": 3, "checkpoint_every": 1}
+    assert set(other) == set(TRAIN_ONLY)
+    rows = [run_pilot(parse_params({**PILOT_PARAMS, "sae": {**PILOT_PARAMS["sae"], **sae}}),
+                      8, 1e-2, 0, str(tmp_path / "store")) for sae in ({}, other)]
+    for r in rows:
+        del r["tokens_per_s"], r["seconds"]
+    assert rows[0] == rows[1] and rows[0]["status"] == "ok"
+
+
 def test_a_diverged_pilot_is_a_result_other_errors_stop(tmp_path, monkeypatch):
     import saelab.scaling.laws as scaling
     from saelab.core.errors import SaelabError

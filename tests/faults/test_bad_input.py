@@ -112,7 +112,7 @@ def test_invalid_yaml(base, tmp_path):
 def _local_corpus(ws, content: bytes):
     (ws.root / "in").mkdir()
     (ws.root / "in" / "docs.jsonl").write_bytes(content)
-    ws.update_params(data={"source": "local", "local_files": "in/*.jsonl"})
+    ws.update_params(data={"source": "local", "local_files": "in/*.jsonl", "local_dir": "in"})
 
 
 def _jsonl(*texts: str) -> bytes:
