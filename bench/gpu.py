@@ -600,12 +600,15 @@ def step_torchrun(env: Env, seconds: int) -> dict[str, Any]:
         raise RuntimeError(f"train_sae ran but joined no process group under torchrun:\n"
                            f"{log[-4000:]}")
     metrics = json.loads((work / "reports/train/metrics.json").read_text())
+    # Throughput is in the log (and MLflow), not in the DVC-tracked metrics.json.
+    rate = re.search(r"dead [\d.]+, (\d+) tokens/s", log)
     exported = sorted(p.name for p in (work / "models/sae").iterdir())
     return {"command": "torchrun --standalone --nproc_per_node=1 stages/train_sae.py",
             "backend": joined.group(1),
             "world_size": metrics["world_size"], "tracking": environ.get(
                 "SAELAB_TRACKING", "mlflow"), "wall_s": wall, "steps": metrics["steps"],
-            "tok_s": metrics["tokens_per_s"], "fvu": metrics["fvu"], "l0": metrics["l0"],
+            "tok_s": float(rate.group(1)) if rate else None, "fvu": metrics["fvu"],
+            "l0": metrics["l0"],
             "exported": exported}
 
 

@@ -327,6 +327,18 @@ def test_manifest_counts_are_logged_as_metrics(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus.paths, "CORPUS_DIR", tmp_path / "c")
     monkeypatch.chdir(tmp_path)
     _write_jsonl(tmp_path / "in" / "a.jsonl", _docs(4) + [{"text": ""}])
-    corpus._run(_local(tmp_path))
+    corpus._run(_local(tmp_path, local_dir=str(tmp_path / "in")))
     assert logged["corpus"]["dropped"]["empty"] == 1
     assert sum(logged["corpus"]["docs"].values()) == 4
+
+
+def test_local_files_must_lie_where_dvc_watches(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus.check_watched(_params(source="local", local_files="data/local/**/*.jsonl").data)
+    corpus.check_watched(_params(source="local", local_files="in/a.jsonl", local_dir="in").data)
+    with pytest.raises(SaelabError, match=r"data.local_files = 'in/\*.jsonl' lies outside "
+                                          r"data.local_dir = 'data/local'.*set data.local_dir"):
+        corpus.check_watched(_params(source="local", local_files="in/*.jsonl").data)
+    with pytest.raises(SaelabError, match="lies outside"):
+        corpus.check_watched(_params(source="local",
+                                     local_files=str(tmp_path.parent / "x/*.jsonl")).data)

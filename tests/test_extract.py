@@ -1,6 +1,7 @@
 """extract_mlp8: exact truncated forward, hook points, packing, resume, preflight."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,35 +166,90 @@ def test_bf16_store_and_outlier_filter(model, tok, tmp_path):
     assert m["norm"]["percentiles"]["p100"] < f32["norm"]["percentiles"]["p100"]
 
 
-def test_resume_after_crash_and_restart_on_new_inputs(model, tok, tmp_path):
+def test_resume_after_crash_and_restart_on_new_inputs(model, tok, tmp_path, caplog):
     ref = extract_store(model, tok, texts(), CFG, tmp_path / "ref", device="cpu", inputs={})
 
-    calls = []
+    def crashed(inputs):
+        calls = []
 
-    def crash(*_):
-        calls.append(1)
-        if len(calls) == 5:  # the fifth forward: shards 0 and 1 (1536 tokens each) are done
-            raise RuntimeError("simulated crash")
+        def crash(*_):
+            calls.append(1)
+            if len(calls) == 5:  # the fifth forward: the first shard (1536 tokens) is done
+                raise RuntimeError("simulated crash")
 
-    handle = model.model.layers[0].register_forward_hook(crash)
-    try:
-        with pytest.raises(RuntimeError, match="simulated"):
-            extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={})
-    finally:
-        handle.remove()
+        handle = model.model.layers[0].register_forward_hook(crash)
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu",
+                              inputs=inputs)
+        finally:
+            handle.remove()
+
+    crashed({})
     assert not (tmp_path / "s/manifest.json").exists()
     assert not list((tmp_path / "s").glob("*.tmp"))
-    m = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={})
-    assert 0 < m["resumed_shards"] < len(m["shards"])
-    assert _hashes(m) == _hashes(ref)
-    # other inputs: the finished store is replaced, not resumed
-    m2 = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={"x": 1})
-    assert m2["resumed_shards"] == 0 and m2["fingerprint"] != m["fingerprint"]
+    with caplog.at_level("INFO", "saelab.activations.store"):
+        m = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={})
+    assert 0 < int(re.search(r"after (\d+) complete shard", caplog.text).group(1)) < 4
+    # DVC tracks the manifest: resumed or not, not a byte differs (no timings in it)
+    assert (tmp_path / "s/manifest.json").read_bytes() == (tmp_path / "ref/manifest.json").read_bytes()
+    # Other inputs: the store is built beside the finished one, which a crash leaves whole.
+    old = _stats(tmp_path / "s", m)
+    crashed({"x": 1})
+    assert _stats(tmp_path / "s", m) == old and ActivationStore(tmp_path / "s").verify() == []
+    assert list((tmp_path / "s/.next").glob("shard-*"))
+    caplog.clear()
+    with caplog.at_level("INFO", "saelab.activations.store"):
+        m2 = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu",
+                           inputs={"x": 1})
+    assert re.search(r"resuming \S+/\.next after [1-3] complete shard", caplog.text)
+    # ... and replaces it once finished: same files as a store built from scratch
+    assert m2["fingerprint"] != m["fingerprint"] and not (tmp_path / "s/.next").exists()
+    store = ActivationStore(tmp_path / "s")
+    assert store.manifest == m2 and store.verify() == [] and _hashes(m2) == _hashes(ref)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "ref").iterdir())
     # a finished, matching store is kept as is (minus leftovers of an interrupted finish)
     (tmp_path / "s/manifest.partial.json").write_text("{}")
+    before = _stats(tmp_path / "s", m2)
     m3 = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={"x": 1})
-    assert m3["tokens_per_s"] == m2["tokens_per_s"]
+    assert m3 == m2 and _stats(tmp_path / "s", m3) == before
     assert not (tmp_path / "s/manifest.partial.json").exists()
+
+
+def test_a_kill_while_the_new_store_moves_in_is_finished_by_the_rerun(model, tok, tmp_path,
+                                                                       monkeypatch):
+    import saelab.activations.extract as extract_mod
+    from saelab.activations import store as store_mod
+
+    extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu", inputs={})
+    with monkeypatch.context() as mp:  # finished in .next, not moved in yet
+        mp.setattr(extract_mod, "promote", lambda out_dir: None)
+        new = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu",
+                            inputs={"x": 1})
+    moved = []
+
+    def killed(src, dst):  # the kill: after three files moved
+        if len(moved) == 3:
+            raise KeyboardInterrupt
+        moved.append(src)
+        os.rename(src, dst)
+
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(store_mod.os, "replace", killed)
+        store_mod.promote(tmp_path / "s")
+    assert not (tmp_path / "s/manifest.json").exists()  # no manifest: no half store passes
+    again = extract_store(model, tok, texts(), CFG, tmp_path / "s", device="cpu",
+                          inputs={"x": 1})
+    assert again == new and ActivationStore(tmp_path / "s").verify() == []
+    assert not (tmp_path / "s/.next").exists()
+
+
+def _stats(store: Path, manifest) -> list[tuple[int, int]]:
+    """(inode, mtime) of the manifest and every file it lists: unchanged if not rewritten."""
+    names = ["manifest.json", manifest["rows"]["file"]] + [
+        f["file"] for s in manifest["shards"] for f in s["files"].values()]
+    return [((store / n).stat().st_ino, (store / n).stat().st_mtime_ns) for n in names]
 
 
 def _hashes(manifest):
@@ -202,7 +258,7 @@ def _hashes(manifest):
 
 
 _CHILD = """
-import json, sys, torch
+import json, logging, sys, torch
 from pathlib import Path
 from transformers import LlamaForCausalLM
 from saelab.data.base_model import build_model_config
@@ -211,11 +267,12 @@ from saelab.activations.extract import extract_store
 from saelab.data.tokenizer import load_llama3_tokenizer
 torch.set_num_threads(1)
 torch.manual_seed(0)
+logging.basicConfig(level=logging.INFO)  # the store logs how many shards it resumed after
 model = LlamaForCausalLM(build_model_config(ModelCfg())).eval()
 texts = [json.loads(l)["text"] for l in open(sys.argv[2], encoding="utf-8")][:60]
 m = extract_store(model, load_llama3_tokenizer(), texts, ExtractCfg(**json.loads(sys.argv[3])),
                   Path(sys.argv[1]), device="cpu", inputs={})
-print("RESUMED", m["resumed_shards"], len(m["shards"]))
+print("SHARDS", len(m["shards"]))
 """
 
 
@@ -245,10 +302,12 @@ def test_sigkill_then_rerun_is_byte_identical(model, tok, tmp_path):
                       inputs={})
     out_r, err_r = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err_r[-3000:]
-    kept, total = map(int, out_r.split("RESUMED")[1].split())
-    assert 0 < kept < total
+    kept = int(re.search(r"after (\d+) complete shard", err_r).group(1))
+    assert 0 < kept < int(out_r.split("SHARDS")[1])
     a = json.loads((tmp_path / "s/manifest.json").read_text())
     assert _hashes(a) == _hashes(b)
+    assert (tmp_path / "s/manifest.json").read_bytes() == \
+        (tmp_path / "fresh/manifest.json").read_bytes()
     for entry in [a["rows"]] + [f for s in a["shards"] for f in s["files"].values()]:
         assert sha256_file(tmp_path / "s" / entry["file"]) == entry["sha256"]
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == \
@@ -302,7 +361,7 @@ def test_run_extract_wires_model_corpus_and_store(tmp_path):
     # Another seed is another store: it replaces this one rather than resuming it.
     other = parse_params({"run": {"device": "cpu", "seed": 1}, "data": data, "extract": extract})
     m1 = run_extract(other, out_dir=tmp_path / "acts", **dirs)
-    assert m1["fingerprint"] != m["fingerprint"] and m1["resumed_shards"] == 0
+    assert m1["fingerprint"] != m["fingerprint"]
     assert not np.array_equal(ActivationStore(tmp_path / "acts").rows()[0], first_row)
 
     with pytest.raises(SaelabError, match="data.token_budget.*extract.n_tokens"):

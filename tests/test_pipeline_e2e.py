@@ -83,6 +83,27 @@ def test_outputs_are_consistent(pipeline):
     assert budget["tokens"] == pytest.approx(2.1e9)
 
 
+def _keys(obj) -> set[str]:
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    return {k for v in obj for k in _keys(v)} if isinstance(obj, list) else set()
+
+
+def test_tracked_outputs_hold_no_timings(pipeline):
+    # DVC tracks these: a wall-clock figure in one would make every rerun (or a resumed
+    # extraction) look like new data to the stages after it. Timings go to MLflow.
+    timings = {"tokens_per_s", "elapsed_s", "seconds"}
+    for rel in ["data/activations/manifest.json", "reports/scaling/fit.json",
+                "reports/budget.json", "reports/train/metrics.json",
+                "reports/interpret_metrics.json"]:
+        assert not _keys(json.loads((pipeline / rel).read_text())) & timings, rel
+    header = (pipeline / "reports/scaling/pilots.csv").read_text().splitlines()[0].split(",")
+    assert not set(header) & timings
+    db = sqlite3.connect(pipeline / "mlflow.db")
+    logged = {k for (k,) in db.execute("select distinct key from metrics")}
+    assert {"extract.tokens_per_s", "extract.seconds", "tokens_per_s", "seconds"} <= logged
+
+
 def test_pipeline_is_up_to_date_after_repro(pipeline):
     out = sh(["dvc", "status", "--json"], pipeline).stdout
     assert json.loads(out) == {}, out

@@ -215,6 +215,19 @@ PILOT_PARAMS = {
 }
 
 
+def test_outputs_are_byte_identical_whatever_the_timings(tmp_path):
+    # DVC tracks these files: a rerun on the same pilots must not change a byte, however
+    # fast the pilots ran (their timings go to MLflow).
+    written = []
+    for i, (rate, secs) in enumerate([(1.0e5, 3.0), (2.5e6, 0.1)]):
+        rows = [{**r, "tokens_per_s": rate, "seconds": secs} for r in synth_rows()]
+        res = fit_pilots(rows, ScalingCfg(bootstrap=20), d_sae=512, n_tokens=10)
+        written.append(write_outputs(res, rows, tmp_path / str(i)))
+    for key, path in written[0].items():
+        assert path.read_bytes() == written[1][key].read_bytes(), key
+    assert "seconds" not in written[0]["pilots_csv"].read_text()
+
+
 def test_serial_grid_logs_a_nested_run_per_pilot(tmp_path, isolated_mlflow):
     import mlflow
 
@@ -226,7 +239,7 @@ def test_serial_grid_logs_a_nested_run_per_pilot(tmp_path, isolated_mlflow):
     def fake_pilot(p, d, lr, seed, store_dir, threads=None):
         calls.append((d, lr, seed, store_dir))
         return {"d_sae": d, "lr": lr, "seed": seed, "status": "ok", "loss": 1.0 / d + lr,
-                "error": "",
+                "error": "", "tokens_per_s": 1.0e5, "seconds": 0.5,
                 "history": [{"step": 4, "loss": 2.0}, {"step": 8, "loss": 1.5}]}
 
     with stage_run("fit_scaling_laws", params) as parent:
@@ -241,6 +254,8 @@ def test_serial_grid_logs_a_nested_run_per_pilot(tmp_path, isolated_mlflow):
     history = mlflow.tracking.MlflowClient().get_metric_history(runs.run_id[0], "loss")
     assert sorted(m.step for m in history) == [4, 8]
     assert runs["metrics.heldout_loss"].notna().all()
+    # Timings are in each pilot's run (and not in the DVC-tracked pilots.csv).
+    assert (runs["metrics.seconds"] == 0.5).all() and (runs["metrics.tokens_per_s"] == 1e5).all()
 
 
 def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_mlflow):
@@ -278,6 +293,22 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     nested = runs[runs["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]]
     assert len(nested) == 24
     assert "metrics.degenerate" in parents.columns
+
+
+def test_pilots_ignore_the_train_only_keys(tmp_path):
+    # dvc.yaml leaves these out of fit_scaling_laws' params: changing them (an lr sweep of
+    # train_sae) must not change a pilot.
+    from saelab.scaling.laws import TRAIN_ONLY, run_pilot
+
+    make_store(tmp_path / "store", n_tokens=2048)
+    other = {"lr": 0.5, "n_tokens": 123, "max_epochs": 9.0, "stream": True,
+             "shuffle_buffer": 7, "stream_lanes": 3, "checkpoint_every": 1}
+    assert set(other) == set(TRAIN_ONLY)
+    rows = [run_pilot(parse_params({**PILOT_PARAMS, "sae": {**PILOT_PARAMS["sae"], **sae}}),
+                      8, 1e-2, 0, str(tmp_path / "store")) for sae in ({}, other)]
+    for r in rows:
+        del r["tokens_per_s"], r["seconds"]
+    assert rows[0] == rows[1] and rows[0]["status"] == "ok"
 
 
 def test_a_diverged_pilot_is_a_result_other_errors_stop(tmp_path, monkeypatch):

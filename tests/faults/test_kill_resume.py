@@ -19,8 +19,8 @@ from saelab.sae import checkpoint
 from saelab.verify import verify_sae, verify_store
 
 from .conftest import INTERPRET_EVENTS, interpret_workspace, read_json
-from .harness import (OUTPUTS, interpret_signature, store_signature, temp_names,
-                      train_signature)
+from .harness import (OUTPUTS, interpret_signature, resumed_shards, store_signature,
+                      temp_names, train_signature)
 
 SEED = 20240607
 N_POINTS = 5
@@ -59,12 +59,12 @@ def test_extract_killed_then_resumed(i, base, tmp_path):
     kept = {e["file"]: (store / e["file"]).stat() for s in done
             for kind, e in s["files"].items() if kind != "rows"}
 
-    ws.run("extract_mlp8").ok()
+    rerun = ws.run("extract_mlp8").ok()
     assert store_signature(ws.root) == store_signature(base.root)
     assert verify_store(store) == []
     _no_leftovers(ws, "extract_mlp8")
     # The shards finished before the kill were kept as they were, not computed again.
-    assert read_json(store / "manifest.json")["resumed_shards"] == len(done), point
+    assert resumed_shards(rerun) == len(done), point
     for name, before in kept.items():
         now = (store / name).stat()
         assert (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name

@@ -40,9 +40,11 @@ from ..core import paths
 from ..core.config import ExtractCfg, Params
 from ..core.errors import SaelabError
 from ..core.runtime import rank_world
+from ..core.tracking import log_metrics
 from .hooks import capture, hook_dim, hook_module
 from .ranks import ran_out
-from .store import STORE_DTYPES, StoreWriter, check_disk, estimate_bytes
+from .store import (STORE_DTYPES, StoreWriter, build_dir, check_disk, estimate_bytes, promote,
+                    store_header)
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +288,8 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     """Fill `out_dir` with `cfg.n_tokens` vectors from `texts`; return the manifest.
 
     `inputs` identifies the model and corpus for the resume fingerprint; `meta` goes into
-    the manifest. A partial store with the same fingerprint is continued, anything else
-    in `out_dir` that belongs to a store is replaced.
+    the manifest. A partial store with the same fingerprint is continued; a finished store
+    of other inputs stays until the new one, built beside it, is finished and replaces it.
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
@@ -305,18 +307,19 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
             rows, cfg, out_dir, fp=fp, d=d, exclude=specials, per_batch=per_batch, rank=rank,
             world=world)
     else:
-        writer = StoreWriter(out_dir, fingerprint=fp, d=d, dtype=cfg.store_dtype,
-                             n_tokens=cfg.n_tokens, shard_tokens=cfg.shard_tokens,
-                             context_len=cfg.context_len)
-        complete = writer.complete
-        # Rows before `resume_row` are already stored: tokenized again, but not forwarded.
-        rows = itertools.islice(rows, writer.resume_row, None)
+        shape = dict(d=d, dtype=cfg.store_dtype, n_tokens=cfg.n_tokens,
+                     shard_tokens=cfg.shard_tokens, context_len=cfg.context_len)
+        complete, work = build_dir(out_dir, store_header(fingerprint=fp, **shape))
+        if complete is None:
+            writer = StoreWriter(work, fingerprint=fp, **shape)
+            # Rows before `resume_row` are already stored: tokenized again, not forwarded.
+            rows = itertools.islice(rows, writer.resume_row, None)
     if complete is not None:
         log.info("%s already holds this store (fingerprint %s): nothing to do", out_dir, fp[:12])
         return complete
     done_bytes = sum(e["bytes"] for s in writer.shards for e in s["files"].values())
-    check_disk(out_dir, estimate_bytes(writer.tokens_wanted, d, cfg.store_dtype,
-                                       cfg.context_len) - done_bytes)
+    check_disk(writer.out_dir, estimate_bytes(writer.tokens_wanted, d, cfg.store_dtype,
+                                              cfg.context_len) - done_bytes)
 
     kept_shards, left = len(writer.shards), writer.tokens_wanted - writer.tokens_done
     who = f" (rank {rank} of {world})" if world > 1 else ""
@@ -343,16 +346,21 @@ def extract_store(model: nn.Module, tokenizer, texts: Iterable[str], cfg: Extrac
     if world > 1:
         from . import ranks
 
-        writer = ranks.assemble(out_dir, writer.header, world)
+        writer = ranks.assemble(writer.out_dir, writer.header, world)
         elapsed = time.perf_counter() - t0
         left, rate = cfg.n_tokens, cfg.n_tokens / elapsed  # every rank's vectors
+    # Timings and what a resumed run found done go to MLflow only: the manifest is tracked
+    # by DVC, and a resumed store must be byte-identical to an uninterrupted one.
+    log_metrics({"extract": {"tokens_per_s": rate, "seconds": elapsed,
+                             "resumed_shards": kept_shards}})
     manifest = writer.finalize(
         {**(meta or {}), "layer": cfg.layer, "hook": cfg.hook, "compute_dtype": compute,
-         "device": str(device), "outlier_k": cfg.outlier_k, "tokens_per_s": rate,
-         "elapsed_s": elapsed, "resumed_shards": kept_shards, "processes": world,
+         "device": str(device), "outlier_k": cfg.outlier_k, "processes": world,
          "config": dataclasses.asdict(cfg)},
         vocab_size=model.config.vocab_size, special_ids=specials,
         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id) if writer else None
+    if writer:
+        promote(out_dir)  # a store built beside the old one replaces it now
     if world > 1:
         manifest = ranks.share(manifest)
     log.info("the store holds %d tokens; scale C = %.4g", cfg.n_tokens, manifest["scale"])
@@ -432,7 +440,7 @@ def run_extract(params: Params, *, model_dir: Path = paths.MODEL_DIR,
 
 
 def _run(params: Params) -> None:
-    from ..core.tracking import log_artifact, log_metrics
+    from ..core.tracking import log_artifact
 
     import torch.distributed as dist
 
@@ -441,8 +449,7 @@ def _run(params: Params) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    log_metrics({"extract": {"tokens_per_s": manifest["tokens_per_s"],
-                             "scale": manifest["scale"],
+    log_metrics({"extract": {"scale": manifest["scale"],
                              "norm": manifest["norm"]["percentiles"],
                              "excluded": manifest["excluded"]}})
     log_artifact(paths.ACTIVATIONS_DIR / "manifest.json")

@@ -76,13 +76,14 @@ def rank_writer(rows: Iterable[np.ndarray], cfg: ExtractCfg, out_dir: Path, *, f
                           shard_tokens=cfg.shard_tokens, context_len=cfg.context_len)
     box = [clear_for_ranks(Path(out_dir), header, world) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        return box[0], None, ()
+    complete, work = box[0]
+    if complete is not None:
+        return complete, None, ()
     all_rows, ends = rows_for(rows, cfg.n_tokens, exclude)
     n_shards = -(-cfg.n_tokens // cfg.shard_tokens)
     part = range(rank * n_shards // world, (rank + 1) * n_shards // world)
     first_v = part.start * cfg.shard_tokens
-    writer = StoreWriter(out_dir, **{k: v for k, v in header.items() if k != "format"},
+    writer = StoreWriter(work, **{k: v for k, v in header.items() if k != "format"},
                          part=part, partial=rank_partial(rank, world),
                          start=part_start(first_v, ends, per_batch) if part else (0, 0, 0))
     if not part:

@@ -15,6 +15,9 @@ renamed when complete. While extraction runs, `manifest.partial.json` lists the 
 shards plus, per shard, its rows (`shard-NNNNN.rows.npy`, concatenated into rows.npy at the
 end) and the forward batch to restart from, so a killed run continues after its last
 complete shard and ends with the same bytes as an uninterrupted one.
+
+A store of other inputs (a changed extract parameter) is built in `.next/` beside a
+finished one, which stays whole until the new one is finished and moved in (`promote`).
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ FORMAT = "saelab-activations/1"
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 ROWS = "rows.npy"
+# Where a store of new inputs is built while a finished one of other inputs stays in place.
+NEXT = ".next"
 # numpy dtype of each per-token file; activations depend on the store dtype.
 TOKEN_FILES = {"tokens": np.dtype(np.uint32), "index": np.dtype(np.int64),
                "norms": np.dtype(np.float32)}
@@ -329,7 +334,7 @@ class StoreWriter:
     def finalize(self, meta: dict[str, Any], *, vocab_size: int, special_ids: Collection[int],
                  bos_id: int, eos_id: int) -> dict[str, Any]:
         """Write rows.npy and manifest.json; return the manifest. `meta` adds the extractor's
-        fields (model, revision, layer, hook, tokens/s, ...)."""
+        fields (model, revision, layer, hook, ...; no timings: DVC tracks the manifest)."""
         if not self.done:
             raise RuntimeError(f"{len(self.shards)} of {self.num_shards} shards written")
         ctx = self.header["context_len"]
@@ -390,6 +395,38 @@ def _resume(out_dir: Path, header: dict[str, Any], num_shards: int, *, partial: 
     return None, shards
 
 
+def build_dir(out_dir: Path, header: dict[str, Any]) -> tuple[dict[str, Any] | None, Path]:
+    """(the manifest of the finished store in `out_dir` made with `header`, out_dir): nothing
+    to do; else (None, the directory to build the store in): `out_dir` itself, or its
+    `.next/` while `out_dir` holds a finished store of other inputs (kept until `promote`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    promote(out_dir)  # a run killed while moving a finished store in
+    if (out_dir / MANIFEST).is_file() and (manifest := _finished(out_dir, header)):
+        return manifest, out_dir
+    if (out_dir / MANIFEST).is_file() or (out_dir / NEXT).is_dir():
+        log.info("building the new store in %s; the one in %s stays until it is finished",
+                 out_dir / NEXT, out_dir)
+        return None, out_dir / NEXT
+    return None, out_dir
+
+
+def promote(out_dir: Path) -> None:
+    """Move a finished store from `out_dir/.next` into `out_dir`, replacing the store there.
+    Safe to repeat after a kill at any point: the old manifest goes first, the new one last."""
+    nxt = out_dir / NEXT
+    new = atomic.read_json(nxt / MANIFEST)
+    if new is None:
+        return
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    _remove_store_files(out_dir, keep=_files(new))
+    for name in _files(new):
+        if (nxt / name).is_file():
+            os.replace(nxt / name, out_dir / name)
+    os.replace(nxt / MANIFEST, out_dir / MANIFEST)
+    shutil.rmtree(nxt)
+    log.info("the new store replaced the old one in %s", out_dir)
+
+
 def _finished(out_dir: Path, header: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of the finished, sound store in `out_dir` made with `header`'s
     fingerprint (its leftover files deleted), or None."""
@@ -399,27 +436,27 @@ def _finished(out_dir: Path, header: dict[str, Any]) -> dict[str, Any] | None:
         # a run killed while finishing may have left its partial files behind
         _remove_store_files(out_dir, keep=[MANIFEST, *_files(manifest)])
         return manifest
-    log.info("existing store in %s was made with other inputs (or is damaged): "
-             "starting over", out_dir)
+    log.info("existing store in %s was made with other inputs (or is damaged)", out_dir)
     return None
 
 
 def clear_for_ranks(out_dir: Path, header: dict[str, Any], world: int,
-                    ) -> dict[str, Any] | None:
-    """Rank 0, before `world` ranks extract into `out_dir`: the manifest of a finished store
-    with this fingerprint (nothing to do), else None once every store file that no rank can
-    resume (other inputs, another world size, a one-process partial store) is deleted."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / MANIFEST).is_file() and (manifest := _finished(out_dir, header)):
-        return manifest
+                    ) -> tuple[dict[str, Any] | None, Path]:
+    """Rank 0, before `world` ranks extract into `out_dir`: `build_dir`'s answer, once
+    every store file in the build directory that no rank can resume (other inputs, another
+    world size, a one-process partial store) is deleted."""
+    manifest, work = build_dir(out_dir, header)
+    if manifest is not None:
+        return manifest, work
+    work.mkdir(exist_ok=True)
     keep = []
     for r in range(world):
-        state = atomic.read_json(out_dir / rank_partial(r, world))
+        state = atomic.read_json(work / rank_partial(r, world))
         if state and {k: state.get(k) for k in header} == header:
             keep += [rank_partial(r, world)] + [e["file"] for s in state["shards"]
                                                 for e in s["files"].values()]
-    _remove_store_files(out_dir, keep=keep)
-    return None
+    _remove_store_files(work, keep=keep)
+    return None, work
 
 
 def read_rank_shards(out_dir: Path, world: int) -> list[dict[str, Any]]:

@@ -96,8 +96,10 @@ class ModelCfg:
 class DataCfg:
     source: str = choice("sample", "sample", "oscar", "fineweb2", "local")
     sample_path: str = "data/sample/spanish_novels_cligs.jsonl"
-    # For `local`: parquet/jsonl files (glob) with a `text` column.
+    # For `local`: parquet/jsonl files (glob) with a `text` column, under local_dir: dvc.yaml
+    # declares that folder a dependency of fetch_oscar, so editing a file there reruns it.
     local_files: str = ""
+    local_dir: str = "data/local"
     oscar_repo: str = "oscar-corpus/oscar"
     oscar_revision: str = "refs/convert/parquet"
     oscar_files: str = "unshuffled_deduplicated_es/partial-train/*.parquet"

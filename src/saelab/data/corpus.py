@@ -439,9 +439,28 @@ def iter_documents(corpus_dir: Path = paths.CORPUS_DIR, split: str = "train", *,
         yield from zip(part.column("doc_id").to_pylist(), part.column("text").to_pylist())
 
 
+def check_watched(data: DataCfg) -> None:
+    """Refuse local files outside data.local_dir: dvc.yaml declares that folder as a
+    dependency of fetch_oscar, so only an edit inside it makes `dvc status` rerun the stage."""
+    if data.source != "local" or not data.local_files:
+        return
+    fixed = []
+    for part in Path(data.local_files).parts:
+        if any(c in part for c in "*?["):
+            break
+        fixed.append(part)
+    if not Path(*fixed, ".").resolve().is_relative_to(Path(data.local_dir).resolve()):
+        raise SaelabError(
+            f"data.local_files = {data.local_files!r} lies outside data.local_dir = "
+            f"{data.local_dir!r}, the folder DVC watches for fetch_oscar (an edit elsewhere "
+            f"would not rerun it); move the files under {data.local_dir} or set "
+            "data.local_dir to a folder that holds them")
+
+
 def _run(params: Params) -> None:
     from ..core.tracking import log_artifact, log_metrics
 
+    check_watched(params.data)
     m = fetch_corpus(params, paths.CORPUS_DIR)
     log.info("%s: %s docs (%s tokens est.), dropped %s, cut %d, stopped by %s", m["source"],
              m["docs"], m["tokens_estimate"], m["dropped"], m["cut"]["docs"], m["stopped_by"])

@@ -597,7 +597,10 @@ def _report(params, result: TrainResult, *, lr, lr_source, n_tokens, tokens_sour
         "lr": lr, "lr_source": lr_source, "n_tokens": n_tokens, "n_tokens_source": tokens_source,
         "training_tokens": metrics["tokens"], "seed": seed, "data_source": source,
         "sae_config": dataclasses.asdict(cfg)})
-    report = {**metrics, "lr": lr, "n_tokens": n_tokens, "d_in": d_in, "d_sae": cfg.d_sae,
+    # Throughput goes to MLflow and the log only: metrics.json is tracked by DVC and must be
+    # byte-identical on rerun.
+    report = {**{k: v for k, v in metrics.items() if k != "tokens_per_s"}, "lr": lr,
+              "n_tokens": n_tokens, "d_in": d_in, "d_sae": cfg.d_sae,
               "architecture": cfg.architecture, "world_size": world,
               "sources": {"lr": lr_source, "n_tokens": tokens_source, "data": source,
                           "eval": "heldout documents" if model is not None and heldout_rows

@@ -62,17 +62,32 @@ LR_CSV = paths.SCALING_DIR / "lr_star_vs_size.csv"
 LOSS_PNG = paths.SCALING_DIR / "loss_vs_size.png"
 LR_CURVES_PNG = paths.SCALING_DIR / "lr_curves.png"
 LR_STAR_PNG = paths.SCALING_DIR / "lr_star_vs_size.png"
+# No timings (tokens/s, seconds): pilots.csv and fit.json are tracked by DVC and must be
+# byte-identical on rerun; each pilot's MLflow run has them.
 PILOT_COLUMNS = ["d_sae", "lr", "seed", "status", "loss", "mse", "fvu", "l0", "dead_fraction",
-                 "tokens", "tokens_per_s", "seconds", "error"]
+                 "tokens", "error"]
 
 
 # --- one pilot -------------------------------------------------------------------------
 
+# train_sae settings that pilots do not use (each pilot has its own lr and token count and
+# trains from the store, without checkpoints): reset in pilot_cfg so that no pilot can
+# depend on them, and left out of fit_scaling_laws' params in dvc.yaml, so that a sweep
+# over them does not rerun the pilot grid.
+TRAIN_ONLY = ("lr", "n_tokens", "max_epochs", "stream", "shuffle_buffer", "stream_lanes",
+              "checkpoint_every")
+# sae keys pilot_cfg replaces with the scaling section's (sae.batch_size is still read: the
+# caveats compare it with the pilots').
+PILOT_REPLACED = ("lr_warmup_steps", "l0_warmup_steps")
+
+
 def pilot_cfg(params: Params, d_sae: int) -> SAECfg:
     """train_sae's recipe at pilot size, with warm-ups sized for pilot token counts."""
     s = params.scaling
+    unused = {k: getattr(SAECfg(), k) for k in TRAIN_ONLY}
     return dataclasses.replace(params.sae, d_sae=d_sae, lr_warmup_steps=s.lr_warmup_steps,
-                               l0_warmup_steps=s.l0_warmup_steps, batch_size=s.batch_size)
+                               l0_warmup_steps=s.l0_warmup_steps, batch_size=s.batch_size,
+                               **unused)
 
 
 def pilot_loss(metrics: dict[str, Any], cfg: SAECfg, d_in: int) -> float:
