@@ -64,7 +64,7 @@ REBUILD = ("run `saelab verify` to list every problem, then restore it (`dvc che
 # other file is always hashed: 24 of 4,120 bytes per token at d 2048 in bf16). sha256 runs at
 # ~1.77 GB/s on one core, so this line is 0.6 s. The 1B profile's 34.6 GB store would take
 # 19.5 s: more than 5% of fit_scaling_laws (15 pilots of 4.2 M tokens, 9.4 s at the SAE
-# roofline) and of interpret (two passes over the store, each >= 11.5 s at 3 GB/s of disk).
+# roofline) and of interpret (one pass over the store, >= 11.5 s at 3 GB/s of disk).
 # train_sae hashes in full at any size (`check(full=True)`): at the 1B profile its 2.1 B
 # tokens take >= 1,050 s at the SAE roofline, so 19.5 s is < 2%.
 FULL_HASH_MAX_BYTES = 1 << 30
