@@ -331,3 +331,17 @@ def test_a_diverged_pilot_is_a_result_other_errors_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(scaling, "train", bad_setup)
     with pytest.raises(SaelabError, match="exceeds"):
         scaling.run_pilot(params, 8, 1e-1, 0, str(tmp_path / "store"))
+
+
+def test_topk_pilots_scale_k_with_their_width(tmp_path):
+    """The README's `-S sae.architecture=topk -S sae.k=32` on tiny (d_sae 512, pilots 8-64
+    wide): each pilot keeps the final SAE's fraction of active latents, never k > width."""
+    from saelab.scaling.laws import pilot_cfg, pilot_k, run_pilot
+
+    params = parse_params({**PILOT_PARAMS, "sae": {**PILOT_PARAMS["sae"], "architecture": "topk",
+                                                   "k": 32, "d_sae": 512}})
+    assert [pilot_cfg(params, d).k for d in (8, 16, 64, 512)] == [1, 1, 4, 32]
+    assert pilot_k(32, 512, 48) == 3 and pilot_k(5, 10, 10) == 5
+    make_store(tmp_path / "store", n_tokens=2048)
+    row = run_pilot(params, 8, 1e-2, 0, str(tmp_path / "store"))
+    assert row["status"] == "ok" and 0 < row["l0"] <= 1.0 + 1e-6

@@ -81,13 +81,20 @@ TRAIN_ONLY = ("lr", "n_tokens", "max_epochs", "stream", "shuffle_buffer", "strea
 PILOT_REPLACED = ("lr_warmup_steps", "l0_warmup_steps")
 
 
+def pilot_k(k: int, d_sae: int, d_pilot: int) -> int:
+    """TopK/BatchTopK k at pilot width: the final SAE's fraction of active latents,
+    k / d_sae, kept at every width (a fixed k can exceed a small pilot's width)."""
+    return max(1, min(d_pilot, round(k * d_pilot / d_sae)))
+
+
 def pilot_cfg(params: Params, d_sae: int) -> SAECfg:
-    """train_sae's recipe at pilot size, with warm-ups sized for pilot token counts."""
+    """train_sae's recipe at pilot size, with warm-ups sized for pilot token counts and
+    k scaled with the width."""
     s = params.scaling
     unused = {k: getattr(SAECfg(), k) for k in TRAIN_ONLY}
     return dataclasses.replace(params.sae, d_sae=d_sae, lr_warmup_steps=s.lr_warmup_steps,
                                l0_warmup_steps=s.l0_warmup_steps, batch_size=s.batch_size,
-                               **unused)
+                               k=pilot_k(params.sae.k, params.sae.d_sae, d_sae), **unused)
 
 
 def pilot_loss(metrics: dict[str, Any], cfg: SAECfg, d_in: int) -> float:
