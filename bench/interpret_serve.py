@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import socket
 import subprocess
@@ -38,10 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from gpu import profile_params  # noqa: E402  (bench/gpu.py: a profile without Hydra)
+from interpret_scale import spanish_rows  # noqa: E402  (real Spanish rows, BOS first)
 
 from saelab.core.config import InterpretCfg  # noqa: E402
 from saelab.data.model_sources import convert_gguf, gguf_path  # noqa: E402
-from saelab.data.tokenizer import BOS_ID, load_llama3_tokenizer  # noqa: E402
+from saelab.data.tokenizer import load_llama3_tokenizer  # noqa: E402
 from saelab.interpret.decode import token_bytes_table  # noqa: E402
 from saelab.interpret.pipeline import run_interpret  # noqa: E402
 from saelab.interpret.sampling import SampleSpec, sample_from_hits  # noqa: E402
@@ -87,17 +87,8 @@ def serve(folder: Path, port: int, log: Path) -> subprocess.Popen:
 def planted_samples(n: int):
     """Rows of real Spanish text (Llama-3.2 tokenizer); latent i fires on WORDS[i]."""
     tok = load_llama3_tokenizer()
-    ids: list[int] = []
-    with open(REPO / "data/sample/spanish_novels_cligs.jsonl", encoding="utf-8") as f:
-        for line in f:
-            ids += tok.encode(json.loads(line)["text"], add_special_tokens=False)
-            if len(ids) > 40_000:
-                break
-    body = CTX - 1
-    n_rows = len(ids) // body
-    rows = np.zeros((n_rows, CTX), dtype=np.uint32)
-    rows[:, 0] = BOS_ID
-    rows[:, 1:] = np.asarray(ids[:n_rows * body], dtype=np.uint32).reshape(n_rows, body)
+    rows = spanish_rows(40_000, CTX)
+    n_rows = len(rows)
     r, p = np.meshgrid(np.arange(n_rows), np.arange(1, CTX), indexing="ij")
     index = np.stack([r.ravel(), p.ravel()], 1).astype(np.int64)
     tokens = rows[index[:, 0], index[:, 1]]

@@ -15,8 +15,9 @@ FVU measured on those) or, with --synthetic, bench/recovery.py's power-law dicti
 
     nice .venv/bin/python bench/l0_target.py --synthetic
     nice .venv/bin/python bench/l0_target.py --store data/activations --params params.yaml
-    nice .venv/bin/python bench/l0_target.py --store /tmp/smol/data/activations \\
-        --params /tmp/smol/params.yaml --d-sae 2304 --steps 256 --batch 1024 --lr 3e-3
+    # in a workspace after `dvc exp run -S profile=smollm2-135m`:
+    nice .venv/bin/python bench/l0_target.py --store data/activations --params params.yaml \\
+        --d-sae 2304 --steps 256 --batch 1024 --lr 3e-3
 """
 from __future__ import annotations
 
