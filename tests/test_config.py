@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from saelab.cli import compose_params
+from saelab.cli import compose_params, main as cli_main
 from saelab.core.config import ConfigError, load_params, parse_params, to_dict
 
 
@@ -67,3 +67,11 @@ def test_every_profile_composes_and_validates(repo_root, tmp_path, profile):
 def test_to_dict_round_trips():
     p = parse_params({"sae": {"d_sae": 128}})
     assert parse_params(to_dict(p)) == p
+
+
+def test_cli_errors_are_one_error_line(tmp_path, capsys):
+    # The brief's contract for bad input: one ERROR line naming problem and fix, exit 2.
+    assert cli_main(["params", "profile=nope", "--output", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR: saelab params: unknown profile 'nope'")
+    assert not (tmp_path / "p.yaml").exists()

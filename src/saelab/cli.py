@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, SaelabError) as e:
-        print(f"saelab {args.cmd}: {e}", file=sys.stderr)
+        print(f"ERROR: saelab {args.cmd}: {e}", file=sys.stderr)
         return 2
 
 
