@@ -143,6 +143,22 @@ def test_progress_lines_off_a_terminal(caplog):
     assert len(caplog.messages) == 2
 
 
+def test_progress_of_an_unknown_total_logs_by_time(caplog):
+    # fetch_oscar reads until the source or a token budget ends: no total, no percent.
+    now = [0.0]
+    caplog.set_level(logging.INFO, logger="saelab.progress")
+    bar = Progress("corpus (fineweb2)", None, unit="doc", rate_unit="docs",
+                   interactive=False, clock=lambda: now[0])
+    for _ in range(1000):  # many units in 10 s: no line (no fraction of an unknown total)
+        now[0] += 0.01
+        bar.update(1)
+    assert caplog.messages == []
+    now[0] += 55.0
+    bar.update(1, tokens_est="12,345")
+    (line,) = caplog.messages
+    assert line == "corpus (fineweb2): doc 1,001, 15 docs/s, tokens_est 12,345"
+
+
 def test_readme_shows_the_plan_of_the_llama_profile(llama_params, tmp_path):
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- plan llama-3.2-1b -->\n```\n")[1].split("```\n<!-- /plan -->")[0]

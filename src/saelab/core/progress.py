@@ -4,7 +4,8 @@ tqdm draws nothing when stderr is not a terminal (nohup, SLURM, `dvc queue`), so
 hours would say nothing until it ends. Off a terminal `Progress` logs one line every
 `every_s` seconds (60 by default) or every `every_n` units (a twentieth of the total by
 default), whichever comes first: position / total, rate, the caller's figures (loss, L0)
-and the ETA.
+and the ETA. A loop whose length is not known in advance (a corpus read until its source
+ends) passes `total=None`: its lines give position and rate, every `every_s` seconds.
 """
 from __future__ import annotations
 
@@ -37,14 +38,17 @@ class Progress:
     other than 0) makes it silent.
     """
 
-    def __init__(self, desc: str, total: int, *, initial: int = 0, unit: str = "step",
+    def __init__(self, desc: str, total: int | None, *, initial: int = 0, unit: str = "step",
                  rate_per: float = 1.0, rate_unit: str = "tokens", every_s: float = 60.0,
                  every_n: int | None = None, enabled: bool = True,
                  interactive: bool | None = None, clock: Callable[[], float] = time.monotonic):
         self.desc, self.total, self.n, self.unit = desc, total, initial, unit
         self.rate_per, self.rate_unit = rate_per, rate_unit
         self.every_s = every_s
-        self.every_n = every_n or max(1, (total - initial) // 20)
+        if total is None:  # no fraction of an unknown total: time only
+            self.every_n = every_n or sys.maxsize
+        else:
+            self.every_n = every_n or max(1, (total - initial) // 20)
         self.enabled = enabled
         self.clock = clock
         self.t0 = self.t_last = clock()
@@ -75,19 +79,23 @@ class Progress:
             return
         now = self.clock()
         if self.n - self.n_last >= self.every_n or now - self.t_last >= self.every_s \
-                or self.n >= self.total:
+                or (self.total is not None and self.n >= self.total):
             self._line(now)
 
     def _line(self, now: float) -> None:
         elapsed = now - self.t0
         done = self.n - self.n0
         rate = done * self.rate_per / elapsed if elapsed > 0 else float("nan")
-        left = (self.total - self.n) * elapsed / done if done else float("inf")
-        parts = [f"{self.desc}: {self.unit} {self.n}/{self.total} "
-                 f"({100.0 * self.n / max(self.total, 1):.1f}%)",
-                 f"{rate:,.0f} {self.rate_unit}/s"]
+        if self.total is None:
+            parts = [f"{self.desc}: {self.unit} {self.n:,}", f"{rate:,.0f} {self.rate_unit}/s"]
+        else:
+            left = (self.total - self.n) * elapsed / done if done else float("inf")
+            parts = [f"{self.desc}: {self.unit} {self.n}/{self.total} "
+                     f"({100.0 * self.n / max(self.total, 1):.1f}%)",
+                     f"{rate:,.0f} {self.rate_unit}/s"]
         parts += [f"{k} {_fmt(v)}" for k, v in self.figures.items()]
-        parts.append(f"ETA {_eta(left)}")
+        if self.total is not None:
+            parts.append(f"ETA {_eta(left)}")
         log.info(", ".join(parts))
         self.t_last, self.n_last = now, self.n
 

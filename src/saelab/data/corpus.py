@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core import atomic, paths
+from ..core.progress import Progress
 from ..core.atomic import atomic_path
 from ..core.config import DataCfg, Params
 from ..core.errors import SaelabError
@@ -314,21 +315,24 @@ def _write_splits(docs: Iterator[tuple[str, str, str]], data: DataCfg, out_dir: 
     Returns the split writers, the held-out groups, the number of groups, the held-out
     doc ids and what stopped the reading.
     """
-    from tqdm.auto import tqdm
-
     staged = _ShardWriter(out_dir, _STAGED, data.shard_docs)
     group_docs: Counter[str] = Counter()
     stopped_by = "end_of_source"
-    for doc_id, group, text in tqdm(docs, desc=f"corpus ({data.source})", unit=" doc",
-                                    disable=None):
+    # Counted in documents against max_docs when set; a token budget or the source's end
+    # stops the loop at a length not known up front.
+    bar = Progress(f"corpus ({data.source})", data.max_docs or None, unit="doc",
+                   rate_unit="docs")
+    for doc_id, group, text in docs:
         staged.add(doc_id, group, text)
         group_docs[group] += 1
+        bar.update(1, tokens_est=f"{staged.chars / data.chars_per_token:,.0f}")
         if data.token_budget and staged.chars / data.chars_per_token >= data.token_budget:
             stopped_by = "token_budget"
             break
         if data.max_docs and staged.docs >= data.max_docs:
             stopped_by = "max_docs"
             break
+    bar.close()
     staged.flush()
     held = heldout_groups(group_docs, data.heldout_fraction)
     held_set = set(held)
