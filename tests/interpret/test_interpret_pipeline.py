@@ -34,7 +34,8 @@ def test_planted_feature_right_explanation_scores_high(server, workdir, samples,
     assert saved["latents"]["7"]["detection"] == planted["detection"]
     assert "detection_balanced_accuracy_mean" in saved["summary"]
     page = (workdir / "r" / "latent_000007.html").read_text()
-    assert WORD in page and "\ufffd" not in page and (workdir / "r" / "latent_000007.png").exists()
+    assert WORD in page and "\ufffd" not in page and "<svg" in page
+    assert 'aria-label="activation histogram of latent 7"' in page
 
 
 def test_planted_feature_wrong_explanation_scores_near_chance(workdir, samples, table):
@@ -133,3 +134,14 @@ def test_parse_labels_and_logprobs():
     probs = label_probabilities(lp, 2)
     assert probs[0] == pytest.approx(0.909, abs=1e-3) and probs[1] == 0.0
     assert label_probabilities(lp, 3) is None and label_probabilities(None, 1) is None
+
+
+def test_histogram_svg_draws_each_nonzero_bin_on_a_log_scale():
+    import re
+    from saelab.interpret.report import histogram_svg
+    svg = histogram_svg([999, 0, 9, 1], [0.0, 0.5, 1.0, 1.5, 2.0], latent=3)
+    heights = [float(h) for h in re.findall(r'<rect [^>]*height="([0-9.]+)"', svg)]
+    assert len(heights) == 3  # the empty bin draws nothing
+    # log10(c + 1): 3, 1 and ~0.301 of the tallest bar's 128 px
+    assert heights == pytest.approx([128.0, 128.0 / 3, 128.0 * 0.30103 / 3], abs=0.1)
+    assert ">999<" in svg and ">0<" in svg and ">2<" in svg
