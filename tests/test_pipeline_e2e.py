@@ -197,7 +197,10 @@ def test_mlflow_layout_read_back(pipeline):
         if s.info.end_time - s.info.start_time > 12_000:  # > 2 sampling intervals
             assert {"system/cpu_utilization_percentage",
                     "system/system_memory_usage_megabytes"} <= set(s.data.metrics), stage
-    train = [s for s in stages if s.data.tags["dvc.stage"] == "train_sae"]
+    # The README's search for the compare view.
+    train = client.search_runs([exp.experiment_id], filter_string="tags.dvc.stage = 'train_sae'")
+    assert {s.info.run_id for s in train} == \
+        {s.info.run_id for s in stages if s.data.tags["dvc.stage"] == "train_sae"}
     assert all(float(s.data.params["sae.lr"]) > 0 for s in train)
     # The repro left sae.lr null: its run logs the fitted lr it trained at.
     (repro_train,) = [s for s in kids[first.info.run_id] if s.data.tags["dvc.stage"] == "train_sae"]
