@@ -274,7 +274,8 @@ def run_group() -> str | None:
     if not invocation:
         return None
     exp = os.environ.get("DVC_EXP_NAME", "")
-    return f"{invocation}|{exp}" if exp else invocation
+    # A quote would end the search filter's string literal that finds the parent.
+    return (f"{invocation}|{exp}" if exp else invocation).replace("'", "_")
 
 
 def _parent_run(client, experiment_id: str, group: str, params: Params) -> str:
