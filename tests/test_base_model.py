@@ -199,6 +199,6 @@ def test_stage_logs_summary_to_mlflow(tmp_path, monkeypatch, isolated_mlflow):
     with stage_run("fetch_model", params) as run:
         base_model._run(params)
     got = mlflow.get_run(run.info.run_id)
-    assert got.data.metrics["model.n_params"] == json.loads(
+    assert got.data.metrics["base_model.n_params"] == json.loads(
         (tmp_path / "base.json").read_text())["n_params"]
     assert got.data.tags["model.revision"] == "random-seed-0"

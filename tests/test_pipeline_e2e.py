@@ -143,6 +143,79 @@ def test_queued_sweep_lands_in_dvc_and_mlflow(pipeline):
     assert len(names) >= 2
 
 
+def test_mlflow_layout_read_back(pipeline):
+    """What `mlflow ui` shows (README "MLflow"), after the repro and the queued sweep: a
+    model-training experiment, one parent run per DVC invocation with its stage runs
+    nested, stage-scoped params, the lr used as a number, system metrics, the corpus and
+    store as dataset inputs, pilots nested in and tagged like their stage."""
+    import mlflow
+    import yaml
+
+    client = mlflow.MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("saelab")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id], max_results=10000)
+    parents = [r for r in runs if "saelab.run_group" in r.data.tags]
+    pilots = [r for r in runs if r.data.tags.get("saelab.pilot") == "true"]
+    stages = [r for r in runs if "dvc.stage" in r.data.tags and r not in pilots]
+    assert len(parents) + len(pilots) + len(stages) == len(runs)
+    for r in runs:  # no name is both a param and a metric (the compare view's axes)
+        assert not set(r.data.params) & set(r.data.metrics), (r.info.run_name, r.data.params)
+
+    # One parent per DVC invocation; each stage run it made is nested under it, once.
+    kids = {p.info.run_id: [s for s in stages if s.data.tags["mlflow.parentRunId"] == p.info.run_id]
+            for p in parents}
+    assert all(s.data.tags.get("mlflow.parentRunId") in kids for s in stages)
+    for p in parents:
+        names = [s.data.tags["dvc.stage"] for s in kids[p.info.run_id]]
+        assert names and len(set(names)) == len(names), (p.info.run_name, names)
+        assert {s.data.tags["dvc.exp_name"] for s in kids[p.info.run_id]} == {p.data.tags["dvc.exp_name"]}
+        assert p.info.status == "FINISHED" and "dvc.stage" not in p.data.tags
+    first = min(parents, key=lambda p: p.info.start_time)  # `dvc repro`
+    assert first.data.tags["dvc.exp_name"] == "" and first.info.run_name.startswith("repro ")
+    assert sorted(s.data.tags["dvc.stage"] for s in kids[first.info.run_id]) == sorted(STAGES)
+    queued = [p for p in parents if p.data.tags["dvc.exp_name"]]
+    assert len({p.data.tags["dvc.exp_name"] for p in queued}) == len(queued) >= 2
+    assert {p.info.run_name for p in queued} == {p.data.tags["dvc.exp_name"] for p in queued}
+
+    dvc = yaml.safe_load((pipeline / "dvc.yaml").read_text())["stages"]
+    store = json.loads((pipeline / "data/activations/manifest.json").read_text())
+    fit = json.loads((pipeline / "reports/scaling/fit.json").read_text())
+    for s in stages:
+        stage = s.data.tags["dvc.stage"]
+        # Only the params dvc.yaml declares (train_sae adds the values it resolved).
+        declared = dvc[stage]["params"]
+        for key in s.data.params:
+            assert any(key == d or key.startswith(d + ".") for d in declared) or \
+                (stage == "train_sae" and key.startswith("train.")), (stage, key)
+        assert "None" not in s.data.params.values(), stage
+        inputs = {i.dataset.name: i.dataset.digest for i in s.inputs.dataset_inputs}
+        if "data/activations" in dvc[stage]["deps"]:
+            assert inputs[f"{store['model']} layer 8 mlp_out activations"] == store["fingerprint"][:32]
+        if "data/corpus" in dvc[stage]["deps"]:
+            assert any(n.endswith(" corpus") for n in inputs), (stage, inputs)
+        if s.info.end_time - s.info.start_time > 12_000:  # > 2 sampling intervals
+            assert {"system/cpu_utilization_percentage",
+                    "system/system_memory_usage_megabytes"} <= set(s.data.metrics), stage
+    # The README's search for the compare view.
+    train = client.search_runs([exp.experiment_id], filter_string="tags.dvc.stage = 'train_sae'")
+    assert {s.info.run_id for s in train} == \
+        {s.info.run_id for s in stages if s.data.tags["dvc.stage"] == "train_sae"}
+    assert all(float(s.data.params["sae.lr"]) > 0 for s in train)
+    # The repro left sae.lr null: its run logs the fitted lr it trained at.
+    (repro_train,) = [s for s in kids[first.info.run_id] if s.data.tags["dvc.stage"] == "train_sae"]
+    assert float(repro_train.data.params["sae.lr"]) == pytest.approx(fit["recommended"]["lr"])
+    assert repro_train.data.tags["train.lr_source"] != "params.sae.lr"
+    assert any(k.startswith("system/") for k in repro_train.data.metrics)
+
+    fits = {s.info.run_id: s for s in stages if s.data.tags["dvc.stage"] == "fit_scaling_laws"}
+    assert pilots
+    for p in pilots:
+        stage_run = fits[p.data.tags["mlflow.parentRunId"]]
+        for key in ("dvc.stage", "dvc.exp_name", "dvc.baseline_rev", "git.commit", "profile"):
+            assert p.data.tags[key] == stage_run.data.tags[key], key
+
+
 def test_secrets_never_written(pipeline):
     places = [pipeline / "mlflow.db", pipeline / "dvc.lock", pipeline / "repro.log",
               *(pipeline / "reports").rglob("*"), *(pipeline / "mlartifacts").rglob("*"),

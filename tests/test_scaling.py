@@ -251,7 +251,7 @@ def test_serial_grid_logs_a_nested_run_per_pilot(tmp_path, isolated_mlflow):
     runs = mlflow.search_runs(experiment_names=["saelab"],
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(runs) == 24
-    history = mlflow.tracking.MlflowClient().get_metric_history(runs.run_id[0], "loss")
+    history = mlflow.tracking.MlflowClient().get_metric_history(runs.run_id[0], "train.loss")
     assert sorted(m.step for m in history) == [4, 8]
     assert runs["metrics.heldout_loss"].notna().all()
     # Timings are in each pilot's run (and not in the DVC-tracked pilots.csv).
@@ -288,7 +288,8 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     assert (tmp_path / paths.BUDGET_MD).exists()
 
     runs = mlflow.search_runs(experiment_names=["saelab"])
-    parents = runs[runs["tags.dvc.stage"] == "fit_scaling_laws"]
+    # Pilots carry their stage's tags too; the stage's own run is the one that is no pilot.
+    parents = runs[(runs["tags.dvc.stage"] == "fit_scaling_laws") & runs["tags.saelab.pilot"].isna()]
     assert len(parents) == 1
     nested = runs[runs["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]]
     assert len(nested) == 24

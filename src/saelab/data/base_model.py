@@ -266,7 +266,9 @@ def _run(params: Params) -> None:
     info = fetch_model(params, paths.MODEL_DIR, paths.MODEL_JSON)
     log.info("%s: %s, %.3g parameters, revision %s", info["name"], info["config"],
              info["n_params"], info["revision"])
-    log_metrics({"model": {**info["config"], "n_params": info["n_params"]}})
+    # The loaded model's config, as numbers; not under "model.", the params' names (the tiny
+    # profile's model.hidden_size is a param too).
+    log_metrics({"base_model": {**info["config"], "n_params": info["n_params"]}})
     set_tags({"model.revision": info["revision"], "model.source": info["source"]})
     log_artifact(paths.MODEL_JSON)
 

@@ -245,7 +245,8 @@ def _write_outputs(results: list[LatentResult], table: list[bytes], cfg: Interpr
     write_text(metrics_path, json.dumps(metrics, indent=1, ensure_ascii=False))
     write_report(out_dir, results, table, cfg, summary, cost, llm,
                  failed_detection(results, cfg.min_detection))
-    log_metrics({"interpret": summary, "cost": cost})
+    # Not under "interpret.": the params are (interpret.n_latents is one of each).
+    log_metrics({"interpret_summary": summary, "cost": cost})
     for r in results:  # per-latent scores as MLflow series over the latent id
         log_metrics({f"latent.{scorer}": sc for scorer, sc in r.scores.items()}, step=r.latent)
     log_artifact(out_dir)

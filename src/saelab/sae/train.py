@@ -535,9 +535,12 @@ def _run(params) -> None:
     eval_batches = _eval_batches(params, model, tokenizer, store, heldout_rows, scale, device) \
         if rank == 0 else None
     if rank == 0:
-        log_params({"train.lr": lr, "train.n_tokens": n_tokens, "train.d_in": d_in,
-                    "train.world_size": world, "train.data_source": source,
-                    "train.epochs": epochs})
+        # The values used, under the keys of the params they resolve (a null sae.lr logs
+        # the fitted lr): the compare view's axes are numbers. The metric `train.lr` is the
+        # schedule, so no param takes that name.
+        log_params({"sae.lr": lr, "sae.n_tokens": n_tokens, "sae.adam_beta1": cfg.adam_betas[0],
+                    "train.d_in": d_in, "train.world_size": world,
+                    "train.data_source": source, "train.epochs": epochs})
         set_tags({"train.lr_source": lr_source, "train.n_tokens_source": tokens_source})
     log.info("training %s SAE d_in=%d d_sae=%d on %d tokens (%s) with lr %.3g (%s), %d "
              "process(es), data from the %s (%.2f passes)", cfg.architecture, d_in, cfg.d_sae,

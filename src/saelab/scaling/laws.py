@@ -167,7 +167,10 @@ def _log_pilot(row: dict[str, Any], params: Params) -> None:
             "n_tokens": params.scaling.n_tokens, "batch_size": params.scaling.batch_size}
     with nested_run(name, spec, tags={"saelab.pilot": "true", "status": row["status"]}):
         for h in row.get("history", []):
-            log_metrics({k: v for k, v in h.items() if k != "step"}, step=int(h["step"]))
+            # Under train_sae's metric names (train.lr is the schedule; the param lr the
+            # peak): no name is both, and pilot and final-SAE curves share chart axes.
+            log_metrics({"train": {k: v for k, v in h.items() if k != "step"}},
+                        step=int(h["step"]))
         # Training curves keep the trainer's names; the held-out result is apart from them.
         log_metrics({f"heldout_{k}": row[k] for k in ("loss", "mse", "fvu", "l0") if k in row})
         log_metrics({k: row[k] for k in ("dead_fraction", "tokens_per_s", "seconds") if k in row})
