@@ -146,6 +146,57 @@ def test_seed_spread_gives_parametric_intervals():
     assert lo < lr_star(512) < hi
 
 
+# L(N, D) ground truth of the joint-law tests: the sweep's best loss is A N^-B + C at
+# SWEEP tokens; E + A N^-B + BD (D/SWEEP)^-BETA in general (E = C - BD at the sweep count).
+BD, BETA, SWEEP = 0.03, 0.4, 4096
+
+
+def joint_loss(n, d):
+    return A * n ** -B + C - BD + BD * (d / SWEEP) ** -BETA
+
+
+def joint_rows(sizes=(64, 128, 256, 512), counts=(1024, 16384)):
+    """The lr sweep at SWEEP tokens, then each count at each size's best (= exact) lr."""
+    rows = [{**r, "n_tokens": SWEEP} for r in synth_rows(sizes, lrs=[6.25e-5, 1.25e-4, *LRS])]
+    for r in rows:
+        r["loss"] += joint_loss(r["d_sae"], SWEEP) - (A * r["d_sae"] ** -B + C)
+    rows += [{"d_sae": n, "lr": lr_star(n), "seed": 0, "status": "ok", "n_tokens": d,
+              "loss": joint_loss(n, d)} for n in sizes for d in counts]
+    return rows
+
+
+def test_joint_law_predicts_width_and_tokens_and_the_held_out_size():
+    cfg = ScalingCfg(n_tokens=SWEEP, tokens_grid=(1024, 16384), bootstrap=0)
+    res = fit_pilots(joint_rows(), cfg, d_sae=2048, n_tokens=10, train_tokens=65536)
+    assert res["status"] == "ok", res["problems"]
+    assert res["loss_fit"]["law"].startswith("L = E + A") and res["tokens_grid"] == [1024, 4096, 16384]
+    assert res["loss_fit"]["coef"]["alpha"] == pytest.approx(B, rel=1e-3)
+    assert res["loss_fit"]["coef"]["beta"] == pytest.approx(BETA, rel=1e-3)
+    t = res["extrapolation"]["train_sae"]  # 4x the widest pilot, 4x its tokens
+    assert (t["d_sae"], t["n_tokens"], t["beyond_largest_pilot_tokens"]) == (2048, 65536, 4.0)
+    assert t["loss"] == pytest.approx(joint_loss(2048, 65536), rel=1e-4)
+    assert t["tokens_for_1pct_of_floor"] > 16384
+    h = res["holdout"]  # 64-256 at all three counts fitted, 512 predicted at the sweep's
+    assert h["fit_sizes"] == [64, 128, 256] and h["n_tokens"] == SWEEP
+    assert abs(h["rel_error_pct"]) < 0.1 and h["lr_star_ratio"] == pytest.approx(1, rel=1e-6)
+    assert h["predicted_loss_ci_loso"] is not None  # 3 sizes: each left out in turn
+
+
+def test_rising_lr_law_falls_back_to_the_nearest_width():
+    # lr* rising with width (b = +1) passes every fit but not the lr check.
+    res = fit_pilots(synth_rows(star=lambda n: 1e-5 * n), cfg1d(), d_sae=512, n_tokens=10)
+    assert res["status"] == "lr_fallback" and "lr_max_exponent" in res["reason"]
+    chk = res["lr_check"]
+    assert not chk["ok"] and chk["exponent"] == pytest.approx(1.0, rel=1e-6)
+    rec = res["recommended"]
+    assert rec["lr_source"] == "fallback_nearest_width"
+    assert rec["lr"] == pytest.approx(1e-5 * 256, rel=1e-6)  # measured lr* at 256, not 512's
+    assert rec["source"].startswith("FALLBACK, not the law") and "d_sae=256" in rec["source"]
+    # Far beyond the swept lrs: the law's lr* at 2**20 is 2.4e-7, below 2.5e-4.
+    far = fit_pilots(synth_rows(), cfg1d(), d_sae=2 ** 20, n_tokens=10)
+    assert far["status"] == "lr_fallback" and "outside the swept lrs" in far["reason"]
+
+
 def test_edge_of_grid_is_degenerate_and_the_fallback_says_so():
     # The largest size wants an lr above the grid.
     rows = synth_rows(star=lambda n: 0.256 / n if n < 256 else 0.05)

@@ -216,8 +216,8 @@ def _run_jobs(params: Params, jobs: list[tuple[int, float, int, int]], store_dir
 def run_grid(params: Params, store_dir: str | Path = paths.ACTIVATIONS_DIR,
              pilot_fn: PilotFn = run_pilot) -> list[dict[str, Any]]:
     """The lr sweep (every d_sae x lr x seed at scaling.n_tokens), then, for each count in
-    scaling.tokens_grid, every d_sae x seed at that size's best swept lr: the token axis
-    of L(N, D) costs one lr per size, not a sweep (its lr* is the sweep's, a caveat)."""
+    scaling.tokens_grid, every d_sae x seed at that size's lr* from the sweep: the token
+    axis of L(N, D) costs one lr per size, not a sweep (its lr* is the sweep's, a caveat)."""
     s = params.scaling
     seeds = [params.run.seed + i for i in range(s.seeds)]
     sizes = sorted(set(s.d_sae_grid))
@@ -227,7 +227,10 @@ def run_grid(params: Params, store_dir: str | Path = paths.ACTIVATIONS_DIR,
     bar = tqdm(total=len(sweep) + len(sizes) * len(seeds) * len(counts), desc="pilots",
                disable=None)
     rows = _run_jobs(params, sweep, str(store_dir), pilot_fn, bar)
-    best = {e["d_sae"]: e["best_grid_lr"] for e in _per_size(mean_losses(rows), 1)}
+    # The parabola's lr* where there is one (grid points are 3x apart; the best of them can
+    # sit far up the curve's steep side), else the best grid lr.
+    best = {e["d_sae"]: e.get("lr_star", e["best_grid_lr"])
+            for e in per_size(mean_losses(rows), s.parabola_neighbours)}
     extra = [(d, best[d], seed, n) for n in counts for d in sizes
              if math.isfinite(best[d]) for seed in seeds]
     rows += _run_jobs(params, extra, str(store_dir), pilot_fn, bar)
@@ -258,7 +261,7 @@ def mean_losses(rows: Sequence[dict[str, Any]]) -> Means:
     return out
 
 
-def _per_size(table: Means, neighbours: int) -> list[dict[str, Any]]:
+def per_size(table: Means, neighbours: int) -> list[dict[str, Any]]:
     """lr curve of each size (means over seeds), its parabola lr* (or why there is none)
     and its best loss."""
     out = []
@@ -300,12 +303,12 @@ def sweep_rows(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> list[dict[str
     return [r for r in rows if r.get("n_tokens", cfg.n_tokens) == cfg.n_tokens]
 
 
-def best_cells(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> list[tuple[int, int, float]]:
+def best_cells(rows: Sequence[dict[str, Any]], sweep_tokens: int) -> list[tuple[int, int, float]]:
     """(d_sae, tokens, loss) of every width and token count: the lowest mean over seeds
     across the lrs run there (the sweep's lrs, or the one best lr of a tokens_grid count)."""
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["d_sae"], r.get("n_tokens", cfg.n_tokens)), []).append(r)
+        groups.setdefault((r["d_sae"], r.get("n_tokens", sweep_tokens)), []).append(r)
     out = []
     for (d, n), group in sorted(groups.items()):
         means = [m for m, _ in mean_losses(group).values() if math.isfinite(m)]
@@ -328,18 +331,18 @@ class Laws:
         return self.loss.predict(n) if d == self.sweep_tokens else None
 
 
-def _fit_grid(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, seed: int, *,
+def fit_laws(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, seed: int, *,
               bootstrap: int | None = None, start: Laws | None = None) -> Laws:
     """The laws of method `grid` from pilot rows; `bootstrap` overrides scaling.bootstrap
     (0 for refits inside the interval estimates, which warm-start from `start`)."""
     reps = cfg.bootstrap if bootstrap is None else bootstrap
-    sizes = _per_size(mean_losses(sweep_rows(rows, cfg)), cfg.parabola_neighbours)
+    sizes = per_size(mean_losses(sweep_rows(rows, cfg)), cfg.parabola_neighbours)
     _require_parabolas(sizes)
     loss_sigma, lr_sigma = _sigmas(sizes)
     d = [e["d_sae"] for e in sizes]
     loss: Fit | JointFit
     if cfg.tokens_grid:
-        cells = [c for c in best_cells(rows, cfg) if c[0] in d]
+        cells = [c for c in best_cells(rows, cfg.n_tokens) if c[0] in d]
         loss = fit_joint(*zip(*cells), start=start.loss if start else None)  # type: ignore[arg-type]
     else:
         loss = fit_loss_vs_size(d, [e["best_loss"] for e in sizes], sigma=loss_sigma,
@@ -393,14 +396,14 @@ def uncertainty(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, laws: Laws,
             for i in rng.integers(0, len(keys), len(keys)):
                 drawn += by_size[d][keys[i]]
         try:
-            boot.append(predict(_fit_grid(drawn, cfg, seed, bootstrap=0, start=laws)))
+            boot.append(predict(fit_laws(drawn, cfg, seed, bootstrap=0, start=laws)))
         except FitError:
             continue
     loso: list[list[tuple[float | None, float]]] = []
     if len(fitted) >= 3:
         for d in fitted:
             try:
-                loso.append(predict(_fit_grid([r for r in rows if r["d_sae"] != d and
+                loso.append(predict(fit_laws([r for r in rows if r["d_sae"] != d and
                                                r["d_sae"] in fitted], cfg, seed, bootstrap=0)))
             except FitError:
                 continue
@@ -472,6 +475,16 @@ def _check(loss_fit: Fit, lr_fit: Fit | None, d: int, trained_loss: float,
     return out
 
 
+def measurement_interval(pred: float, ci: list[float] | None,
+                         se: float | None) -> list[float] | None:
+    """Where a measurement of the predicted loss should land: the law's interval widened,
+    in quadrature at 95%, by the measurement's own noise (a mean over seeds)."""
+    if ci is None or se is None:
+        return ci
+    z = 1.96 * se
+    return [pred - math.hypot(pred - ci[0], z), pred + math.hypot(ci[1] - pred, z)]
+
+
 def _holdout_grid(rows: Sequence[dict[str, Any]], sizes: list[dict[str, Any]],
                   cfg: ScalingCfg, seed: int) -> dict[str, Any]:
     """Fit without the largest width, predict it, and compare: the loss at the sweep's
@@ -484,12 +497,14 @@ def _holdout_grid(rows: Sequence[dict[str, Any]], sizes: list[dict[str, Any]],
     last = sizes[-1]
     kept = [r for r in rows if r["d_sae"] != last["d_sae"]]
     try:
-        laws = _fit_grid(kept, cfg, seed)
+        laws = fit_laws(kept, cfg, seed)
     except FitError as e:
         return {"status": "degenerate", "reason": str(e)}
     d, n = last["d_sae"], cfg.n_tokens
     u = uncertainty(kept, cfg, laws, [("holdout", d, n)], seed)["holdout"]
     pred, measured, ci = u["loss"], last["best_loss"], u["loss_interval"]["ci"]
+    se = (last.get("parabola") or {}).get("loss_se")
+    pi = measurement_interval(pred, ci, se)
     return {"status": "ok", "fit_sizes": [e["d_sae"] for e in laws.sizes], "d_sae": d,
             "n_tokens": n, "beyond_largest_fitted": d / max(e["d_sae"] for e in laws.sizes),
             "loss_fit": laws.loss.to_dict(), "lr_fit": laws.lr.to_dict(),
@@ -499,7 +514,8 @@ def _holdout_grid(rows: Sequence[dict[str, Any]], sizes: list[dict[str, Any]],
             "predicted_loss_ci": ci,
             "predicted_loss_ci_bootstrap": u["loss_interval"]["ci_bootstrap"],
             "predicted_loss_ci_loso": u["loss_interval"]["ci_loso"],
-            "trained_within_ci": None if ci is None else bool(ci[0] <= measured <= ci[1]),
+            "measured_loss_se": se, "measurement_interval": pi,
+            "trained_within_ci": None if pi is None else bool(pi[0] <= measured <= pi[1]),
             "predicted_lr_star": u["lr"], "predicted_lr_star_ci": u["lr_interval"]["ci"],
             "trained_lr_star": last["lr_star"], "lr_star_ratio": u["lr"] / last["lr_star"]}
 
@@ -576,7 +592,7 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
     where the law is not to be trusted, and `recommended.source` says so.
     """
     means = mean_losses(sweep_rows(rows, cfg))
-    sizes = _per_size(means, cfg.parabola_neighbours)
+    sizes = per_size(means, cfg.parabola_neighbours)
     train_tokens = train_tokens or n_tokens
     result: dict[str, Any] = {
         "method": cfg.method,
@@ -602,7 +618,7 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
 
     try:
         if cfg.method == "grid":
-            laws = _fit_grid(rows, cfg, seed)
+            laws = fit_laws(rows, cfg, seed)
             loss_fit, lr_fit = laws.loss, laws.lr
             holdout = _holdout_grid(rows, sizes, cfg, seed)
         else:
@@ -626,10 +642,11 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
         problems.append(("lr_fallback", "; ".join(check["failures"])))
     h = _last_check(holdout)
     if h and h["trained_within_ci"] is False:
+        iv = h.get("measurement_interval") or h["predicted_loss_ci"]
         problems.append(("holdout_outside_interval",
                          f"the held-out d_sae={h['d_sae']} measured {h['trained_loss']:.4g}, "
-                         f"outside the predicted interval [{h['predicted_loss_ci'][0]:.4g}, "
-                         f"{h['predicted_loss_ci'][1]:.4g}] (error {h['rel_error_pct']:+.1f}%)"))
+                         f"outside the predicted interval [{iv[0]:.4g}, {iv[1]:.4g}] (error "
+                         f"{h['rel_error_pct']:+.1f}%)"))
     result.update(status=problems[0][0] if problems else "ok",
                   reason="; ".join(f"{k}: {v}" for k, v in problems),
                   problems=[f"{k}: {v}" for k, v in problems],
@@ -668,12 +685,12 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
                                          + "; ".join(check["failures"]))
     top = max(max(d_fit), *targets.values())
     lo = min(d_fit) / 1.5
-    if joint:
-        loss_curve = _curve(lambda x: loss_fit.predict(x, cfg.n_tokens), lambda x: None,
-                            lo, top * 1.5)
+    if joint:  # the law at every pilot token count (the plot); the sweep's is the CSV's
+        by_tokens = {n: _curve(lambda x, n=n: loss_fit.predict(x, n), lambda x: None,
+                               lo, top * 1.5) for n in result["tokens_grid"]}
     else:
-        loss_curve = _curve(loss_fit.predict, loss_fit.predict_ci, lo, top * 1.5)
-    result["curves"] = {"loss": loss_curve,
+        by_tokens = {cfg.n_tokens: _curve(loss_fit.predict, loss_fit.predict_ci, lo, top * 1.5)}
+    result["curves"] = {"loss": by_tokens[cfg.n_tokens], "loss_by_tokens": by_tokens,
                         "lr": _curve(lr_fit.predict, lr_fit.predict_ci, lo, top * 1.5)}
     return result
 
@@ -690,30 +707,59 @@ def _plot_fit(ax, curve: list[dict[str, float]], law: str) -> None:
 
 
 def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
-    fig, ax = plots.new_figure("Held-out loss against SAE size", "d_sae", "loss",
-                               logx=True, logy=True)
+    """Pilots (grey), the best loss per width and token count, the law at each count, the
+    held-out width (measured, predicted with its interval and the error) and the
+    extrapolations with theirs; log-log."""
+    fig, ax = plots.new_figure("Held-out loss against SAE width", "d_sae (latents)",
+                               "held-out loss (training objective)", logx=True, logy=True)
+    sweep = result["pilot_tokens"]
     ok = [r for r in rows if math.isfinite(r["loss"])]
-    ax.scatter([r["d_sae"] for r in ok], [r["loss"] for r in ok], s=12, color="0.7",
-               label="pilots (all lrs)")
-    best = [e for e in result["per_size"] if math.isfinite(e["best_loss"])]
-    ax.scatter([e["d_sae"] for e in best], [e["best_loss"] for e in best], color="C0",
-               zorder=3, label="best lr per size")
-    if result["status"] == "ok":
-        _plot_fit(ax, result["curves"]["loss"], result["loss_fit"]["law"])
+    ax.scatter([r["d_sae"] for r in ok], [r["loss"] for r in ok], s=10, color="0.75",
+               label="pilots (every lr and seed)")
+    counts = result.get("tokens_grid") or [sweep]
+    color = {n: f"C{i}" for i, n in enumerate(counts)}
+    cells = best_cells(rows, sweep)
+    for n in counts:
+        ax.plot([d for d, nn, _ in cells if nn == n], [v for _, nn, v in cells if nn == n], "o",
+                color=color[n], zorder=3, label=f"best lr, {n:,} tokens")
+        curve = (result.get("curves") or {}).get("loss_by_tokens", {}).get(n)
+        if curve:
+            ax.plot([p["d_sae"] for p in curve], [p["value"] for p in curve], "-",
+                    color=color[n], alpha=0.7)
+            band = [p for p in curve if math.isfinite(p["lo"])]
+            if band:
+                ax.fill_between([p["d_sae"] for p in band], [p["lo"] for p in band],
+                                [p["hi"] for p in band], color=color[n], alpha=0.15)
+    if result["status"] != "degenerate":
+        law = result["loss_fit"]["law"]
+        ax.plot([], [], "-", color="0.3", label=f"fit: {law}")
+        h = _last_check(result["holdout"])
+        if h:
+            ci = h.get("measurement_interval") or h["predicted_loss_ci"]
+            yerr = None if ci is None else [[max(h["predicted_loss"] - ci[0], 0)],
+                                            [max(ci[1] - h["predicted_loss"], 0)]]
+            ax.errorbar([h["d_sae"]], [h["predicted_loss"]], yerr=yerr, fmt="x", color="C3",
+                        capsize=4, zorder=5,
+                        label=f"held-out d_sae={h['d_sae']} predicted (interval): error "
+                              f"{h['rel_error_pct']:+.1f}%, measured "
+                              f"{'inside' if h['trained_within_ci'] else 'OUTSIDE'}")
+            ax.scatter([h["d_sae"]], [h["trained_loss"]], marker="s", facecolor="none",
+                       edgecolor="C3", s=60, zorder=5, label="held-out d_sae measured")
         for i, (name, t) in enumerate(result["extrapolation"].items()):
-            color = f"C{4 + i}"
-            ax.scatter([t["d_sae"]], [t["loss"]], marker="*", s=100, color=color, zorder=4,
-                       label=f"extrapolated ({name}, d_sae={t['d_sae']})")
+            if t["loss"] is None:
+                continue
+            c = f"C{5 + i}"
+            ax.scatter([t["d_sae"]], [t["loss"]], marker="*", s=100, color=c, zorder=4,
+                       label=f"predicted {name}: d_sae={t['d_sae']}, {t['n_tokens']:.3g} tokens")
             if t["loss_ci"] is not None:
                 # A percentile interval need not contain the point estimate: draw it as is.
-                ax.vlines(t["d_sae"], *t["loss_ci"], color=color)
-        h = result["holdout"]
-        if h.get("status") == "ok" and "predicted_loss" in h:
-            ax.scatter([h["d_sae"]], [h["predicted_loss"]], marker="x", color="C3", zorder=4,
-                       label=f"held-out size predicted (gap {h['rel_gap']:+.1%})")
+                ax.vlines(t["d_sae"], *t["loss_ci"], color=c)
+        if result["status"] != "ok":
+            ax.text(0.02, 0.02, f"status: {result['status']} (see fit.json)",
+                    transform=ax.transAxes, color="C3")
     else:
         ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     plots.save(fig, path)
 
 
@@ -739,11 +785,15 @@ def _plot_lr_star(result: dict[str, Any], path: Path) -> None:
     found = [e for e in result["per_size"] if "lr_star" in e]
     ax.scatter([e["d_sae"] for e in found], [e["lr_star"] for e in found], color="C0",
                zorder=3, label="lr* (parabola)")
-    if result["status"] == "ok":
+    if result["status"] != "degenerate":
         _plot_fit(ax, result["curves"]["lr"], result["lr_fit"]["law"])
         for name, t in result["extrapolation"].items():
             ax.scatter([t["d_sae"]], [t["lr"]], marker="*", s=100, zorder=4,
-                       label=f"extrapolated ({name}): {t['lr']:.2e}")
+                       label=f"law at {name}: {t['lr']:.2e}")
+        rec = result["recommended"]
+        if rec["lr_source"] != "fit" and rec["lr"] is not None:
+            ax.scatter([rec["d_sae"]], [rec["lr"]], marker="D", color="C3", zorder=5,
+                       label=f"used: {rec['lr']:.2e} (FALLBACK, lr law failed its check)")
     else:
         ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
     ax.legend(fontsize=7)
@@ -858,7 +908,7 @@ def _run(params: Params) -> None:
     if h:
         log.info("held-out d_sae=%d: predicted loss %.4g, measured %.4g (%+.1f%%), interval %s",
                  h["d_sae"], h["predicted_loss"], h["trained_loss"], h["rel_error_pct"],
-                 h["predicted_loss_ci"])
+                 h.get("measurement_interval") or h["predicted_loss_ci"])
     log.info("recommended lr %s for d_sae=%d (%s: %s)", rec["lr"], rec["d_sae"],
              rec["lr_source"], rec["source"])
 
