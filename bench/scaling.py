@@ -130,7 +130,8 @@ def main() -> None:
         inside = None if iv is None else bool(iv[0] <= m["best_loss"] <= iv[1])
         lr_m = m.get("lr_star", math.nan)
         row = {"d_sae": w, "beyond": w / fit_sizes[-1], "predicted_loss": p["loss"],
-               "interval": iv, "interval_parts": p["loss_interval"], "measured_loss": m["best_loss"],
+               "interval": iv, "interval_parts": p["loss_interval"],
+               "measured_loss": m["best_loss"],
                "measured_se": se, "error_pct": err, "inside": inside,
                "predicted_lr_star": p["lr"], "predicted_lr_interval": p["lr_interval"]["ci"],
                "measured_lr_star": lr_m, "lr_ratio": p["lr"] / lr_m,

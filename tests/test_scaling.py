@@ -169,7 +169,8 @@ def test_joint_law_predicts_width_and_tokens_and_the_held_out_size():
     cfg = ScalingCfg(n_tokens=SWEEP, tokens_grid=(1024, 16384), bootstrap=0)
     res = fit_pilots(joint_rows(), cfg, d_sae=2048, n_tokens=10, train_tokens=65536)
     assert res["status"] == "ok", res["problems"]
-    assert res["loss_fit"]["law"].startswith("L = E + A") and res["tokens_grid"] == [1024, 4096, 16384]
+    assert res["loss_fit"]["law"].startswith("L = E + A")
+    assert res["tokens_grid"] == [1024, 4096, 16384]
     assert res["loss_fit"]["coef"]["alpha"] == pytest.approx(B, rel=1e-3)
     assert res["loss_fit"]["coef"]["beta"] == pytest.approx(BETA, rel=1e-3)
     t = res["extrapolation"]["train_sae"]  # 4x the widest pilot, 4x its tokens

@@ -65,7 +65,8 @@ LR_CURVES_PNG = paths.SCALING_DIR / "lr_curves.png"
 LR_STAR_PNG = paths.SCALING_DIR / "lr_star_vs_size.png"
 # No timings (tokens/s, seconds): pilots.csv and fit.json are tracked by DVC and must be
 # byte-identical on rerun; each pilot's MLflow run has them.
-PILOT_COLUMNS = ["d_sae", "lr", "seed", "n_tokens", "status", "loss", "mse", "fvu", "l0", "dead_fraction",
+PILOT_COLUMNS = ["d_sae", "lr", "seed", "n_tokens", "status", "loss", "mse", "fvu", "l0",
+                 "dead_fraction",
                  "tokens", "error"]
 
 
@@ -332,7 +333,7 @@ class Laws:
 
 
 def fit_laws(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, seed: int, *,
-              bootstrap: int | None = None, start: Laws | None = None) -> Laws:
+             bootstrap: int | None = None, start: Laws | None = None) -> Laws:
     """The laws of method `grid` from pilot rows; `bootstrap` overrides scaling.bootstrap
     (0 for refits inside the interval estimates, which warm-start from `start`)."""
     reps = cfg.bootstrap if bootstrap is None else bootstrap
@@ -343,7 +344,9 @@ def fit_laws(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, seed: int, *,
     loss: Fit | JointFit
     if cfg.tokens_grid:
         cells = [c for c in best_cells(rows, cfg.n_tokens) if c[0] in d]
-        loss = fit_joint(*zip(*cells), start=start.loss if start else None)  # type: ignore[arg-type]
+        n, t, v = zip(*cells)
+        warm = start.loss if start and isinstance(start.loss, JointFit) else None
+        loss = fit_joint(n, t, v, start=warm)
     else:
         loss = fit_loss_vs_size(d, [e["best_loss"] for e in sizes], sigma=loss_sigma,
                                 bootstrap=reps, seed=seed)
@@ -759,7 +762,7 @@ def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
                     transform=ax.transAxes, color="C3")
     else:
         ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper right")
     plots.save(fig, path)
 
 

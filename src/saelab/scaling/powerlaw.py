@@ -361,7 +361,8 @@ def fit_joint(sizes: Sequence[float], tokens: Sequence[float], losses: Sequence[
     def resid(p):
         return np.log(p[0] + p[1] * u ** -p[2] + p[3] * v ** -p[4]) - ly
 
-    lo, hi = [0.0, 0.0, _EXPONENTS[0], 0.0, _EXPONENTS[0]], [np.inf, np.inf, _EXPONENTS[-1], np.inf, _EXPONENTS[-1]]
+    lo = [0.0, 0.0, _EXPONENTS[0], 0.0, _EXPONENTS[0]]
+    hi = [np.inf, np.inf, _EXPONENTS[-1], np.inf, _EXPONENTS[-1]]
     x0 = np.clip(best[1], lo, hi)
     x0[[0, 1, 3]] = np.maximum(x0[[0, 1, 3]], 1e-12)  # strictly positive for a finite log
     res = least_squares(resid, x0=x0, bounds=(lo, hi), x_scale="jac")
