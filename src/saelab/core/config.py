@@ -232,7 +232,7 @@ class ScalingCfg:
     # Further token counts, each trained at every size's best swept lr: with any, the loss
     # law is L(N, D) = E + A N^-alpha + B D^-beta over width and tokens (it needs more
     # points than its 5 parameters: sizes x counts > 5), predicted at train_sae's tokens.
-    tokens_grid: tuple[int, ...] = (16_384, 131_072)
+    tokens_grid: tuple[int, ...] = (16_384, 65_536)
     batch_size: int = rng(256, 1)
     workers: int = rng(2, 1)
     bootstrap: int = rng(200, 0)

@@ -701,12 +701,12 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
 # --- outputs ---------------------------------------------------------------------------
 
 def _plot_fit(ax, curve: list[dict[str, float]], law: str) -> None:
-    """A fitted law and, where the bootstrap gave one, its 95% band."""
+    """A fitted law and, where the parametric bootstrap gave one, its 95% seed-noise band."""
     x = [p["d_sae"] for p in curve]
     ax.plot(x, [p["value"] for p in curve], color="C1", label="fit " + law)
     if all(math.isfinite(p["lo"]) for p in curve):
         ax.fill_between(x, [p["lo"] for p in curve], [p["hi"] for p in curve],
-                        color="C1", alpha=0.2, label="95% bootstrap band")
+                        color="C1", alpha=0.2, label="95% seed-noise band")
 
 
 def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
