@@ -2,9 +2,11 @@
 
 Pilots: every d_sae in scaling.d_sae_grid x every lr in scaling.lr_grid x scaling.seeds
 seeds, trained by the shared trainer with train_sae's recipe (short warm-ups,
-scaling.n_tokens tokens). Pilots with the same seed see the same batches in the same
-order, so lr is the only thing that differs along a curve; the spread over seeds is the
-noise the fits' confidence intervals are built from.
+scaling.n_tokens tokens); then every d_sae x seed at each count of scaling.tokens_grid, at
+that size's lr* from the sweep. Pilots with the same seed see the same batches in the
+same order, so lr is the only thing that differs along a curve. The widths are meant to be
+over-complete like the trained SAE (issue 17: under-complete pilots fall with rank, which
+says nothing about sparse dictionaries).
 
 Held-out data: the last sae.eval_tokens vectors of the store. The store keeps corpus
 order, so they come from the last documents extracted (one document may straddle the
@@ -21,10 +23,15 @@ is what the optimiser is asked to minimise, so its best lr is the one to carry o
 The squared error is per token, so at E||x||^2 = 1 it is on the scale of the FVU.
 
 Fits (saelab.scaling.powerlaw) on the mean over seeds, method `grid`: per size, lr* from a
-parabola in log lr around the best grid lr; the loss law on each size's best trained
-loss (its mean at the best grid lr); lr*(d_sae) as a power law. Method `two_step`
-(the seed's): the loss law through the two smallest sizes at one lr, lr* of the same two
-sizes, the lr law through them; any further sizes check the prediction.
+parabola in log lr around the best grid lr; the loss law on each (size, token count)'s
+best loss: L(N, D) = E + A N^-alpha + B D^-beta with a tokens_grid, else L(N) = a N^-b + c
+at the sweep's count; lr*(d_sae) as a power law, used only if `lr_check` passes (else the
+measured lr* of the nearest width). Intervals (`uncertainty`): a bootstrap over pilots
+(each width's seeds redrawn), leave-one-size-out refits and the laws' seed-noise band,
+united. The largest width is fitted without and predicted (`holdout`); measured outside
+its interval (widened by the measurement's seed noise), the status says so. Method
+`two_step` (the seed's): the loss law through the two smallest sizes at one lr, lr* of the
+same two sizes, the lr law through them; any further sizes check the prediction.
 """
 from __future__ import annotations
 
@@ -882,6 +889,22 @@ def caveats(params: Params) -> list[str]:
     return out
 
 
+def flag_batch(result: dict[str, Any], params: Params) -> None:
+    """Mark the loss predicted for train_sae when it trains at another batch than the
+    pilots: the law's token axis is tokens at the pilots' batch (on tiny, 1,048,576 tokens
+    at batch 4,096 measured 0.204 where the law said 0.137: the same tokens are 16x fewer
+    steps)."""
+    t = result.get("extrapolation", {}).get("train_sae")
+    if t is None:
+        return
+    pilot, final = params.scaling.batch_size, params.sae.batch_size
+    t["batch_matched"] = pilot == final
+    if pilot != final:
+        t["loss_note"] = (f"pilots ran at batch {pilot}, train_sae at {final}: the law's tokens "
+                          f"are tokens at batch {pilot}, so this loss is not train_sae's "
+                          "(same tokens, a different number of steps)")
+
+
 def lr_markdown(result: dict[str, Any]) -> str:
     """budget.md's line on the learning rate train_sae will take, fallback or not."""
     rec = result["recommended"]
@@ -899,6 +922,7 @@ def _run(params: Params) -> None:
                         n_tokens=int(budget["tokens"]), real_d_sae=params.budget.d_sae,
                         train_tokens=params.sae.n_tokens, seed=params.run.seed)
     result["recommended"]["caveats"] = caveats(params)
+    flag_batch(result, params)
     written = write_outputs(result, rows)
     atomic.write_text(paths.BUDGET_MD, budget_markdown(budget) + lr_markdown(result))
     log_metrics(_summary_metrics(result))
