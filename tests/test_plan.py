@@ -52,7 +52,10 @@ def test_llama_plan_streams_the_budget_in_under_three_hours(llama_params, tmp_pa
     assert p["corpus"]["holds_tokens"] >= p["corpus"]["needed_tokens"] > 2.1e9
     assert p["disk"]["store"] == pytest.approx(8_388_608 * 4096, rel=0.01)
     assert not [w for w in p["warnings"] if "disk" in w or "GPU memory" in w]
-    assert "total | | | 0.95 h | 2.4 h |" in plan_text(p)
+    # Pilots: the lr sweep of every width, then each further token count at one lr.
+    pilots = next(s for s in p["stages"] if s["stage"] == "fit_scaling_laws")
+    assert pilots["tokens"] == 4 * 2 * (5 * 4_194_304 + 1_048_576 + 6_291_456)
+    assert "total | | | 0.96 h | 2.4 h |" in plan_text(p)
 
 
 def test_plan_warns_before_a_run_that_cannot_work(llama_params, tmp_path, monkeypatch):

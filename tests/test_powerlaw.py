@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from saelab.core.errors import SaelabError
-from saelab.scaling.powerlaw import FitError, best_lr_parabola, fit_loss_vs_size, fit_lr_vs_size
+from saelab.scaling.powerlaw import (FitError, best_lr_parabola, fit_joint, fit_loss_vs_size,
+                                     fit_lr_vs_size)
 
 A, B, C = 3.0, 0.45, 0.08
 SIZES = 2.0 ** np.arange(5, 13)  # 32 .. 4096
@@ -147,3 +148,30 @@ def test_fit_serialises():
     d = fit_loss_vs_size(SIZES, noisy(0), bootstrap=20).to_dict()
     assert d["law"] == "L = a * N^-b + c" and d["bootstrap_reps"] > 0
     assert set(d["coef"]) == {"a", "b", "c"} and len(d["residuals"]) == len(SIZES)
+
+
+def test_joint_law_recovers_width_and_token_exponents():
+    n = np.repeat([64.0, 128, 256, 512], 3)
+    d = np.tile([8192.0, 32768, 131072], 4)
+    loss = 0.1 + 3.0 * n ** -0.6 + 4.0 * d ** -0.35
+    fit = fit_joint(n, d, loss)
+    assert fit.coef["alpha"] == pytest.approx(0.6, rel=1e-3)
+    assert fit.coef["beta"] == pytest.approx(0.35, rel=1e-3)
+    assert fit.coef["E"] == pytest.approx(0.1, rel=1e-3)
+    assert fit.predict(4096, 1e6) == pytest.approx(0.1 + 3.0 * 4096 ** -0.6 + 4.0 * 1e6 ** -0.35,
+                                                  rel=1e-4)
+    # A warm start from that fit lands on the same law.
+    again = fit_joint(n, d, loss, start=fit)
+    assert again.predict(4096, 1e6) == pytest.approx(fit.predict(4096, 1e6), rel=1e-6)
+
+
+def test_joint_law_with_flat_width_and_too_few_points():
+    n = np.repeat([64.0, 128, 256], 2)
+    d = np.tile([8192.0, 65536], 3)
+    fit = fit_joint(n, d, 0.2 + 2.0 * d ** -0.3)  # width does not matter
+    assert fit.coef["A"] == pytest.approx(0.0, abs=1e-6) and "A = 0" in fit.note
+    assert fit.predict(4096, 8192) == pytest.approx(0.2 + 2.0 * 8192 ** -0.3, rel=1e-3)
+    with pytest.raises(FitError, match="5 parameters"):
+        fit_joint(n[:5], d[:5], np.ones(5))
+    with pytest.raises(FitError, match=">= 2 token counts"):
+        fit_joint(n, np.full(6, 8192.0), np.ones(6))

@@ -18,6 +18,11 @@ LRS = [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
 SIZES = [64, 128, 256]
 
 
+def cfg1d(**kw):
+    """The loss law over width alone (no token axis): what these synthetic pilots support."""
+    return ScalingCfg(tokens_grid=(), **kw)
+
+
 def lr_star(n):
     return 0.256 / n
 
@@ -63,11 +68,11 @@ def test_mean_over_seeds_and_a_diverged_seed():
 def test_caveats_name_what_the_lr_ignores():
     params = parse_params({"scaling": {"batch_size": 1024}, "sae": {"batch_size": 4096}})
     text = " ".join(caveats(params))
-    assert "65536 tokens" in text and "batch 1024" in text and "4096" in text
+    assert "32768 tokens" in text and "batch 1024" in text and "4096" in text
 
 
 def test_grid_fit_recovers_known_laws():
-    res = fit_pilots(synth_rows(), ScalingCfg(bootstrap=50), d_sae=512, n_tokens=2_100_000_000,
+    res = fit_pilots(synth_rows(), cfg1d(bootstrap=50), d_sae=512, n_tokens=2_100_000_000,
                      real_d_sae=16384)
     assert res["status"] == "ok"
     assert res["loss_fit"]["coef"] == pytest.approx({"a": A, "b": B, "c": C}, rel=1e-3)
@@ -92,20 +97,47 @@ def test_grid_fit_with_noise_recovers_exponent_within_5_percent():
     rows = synth_rows(sizes, lrs)
     for r in rows:
         r["loss"] *= 1 + rng.normal(0, 0.003)
-    res = fit_pilots(rows, ScalingCfg(bootstrap=100), d_sae=8192, n_tokens=1)
+    res = fit_pilots(rows, cfg1d(bootstrap=100), d_sae=8192, n_tokens=1)
     assert res["status"] == "ok"
     assert res["loss_fit"]["coef"]["b"] == pytest.approx(B, rel=0.05)
     assert res["loss_fit"]["ci"] is not None  # residual bootstrap: 8 sizes, 3 parameters
     assert res["recommended"]["lr"] == pytest.approx(lr_star(8192), rel=0.25)
 
 
-def test_seed_spread_gives_parametric_intervals():
+def noisy_rows(sizes, seeds=(0, 1, 2), noise=0.005):
     rng = np.random.default_rng(0)
-    rows = synth_rows(seeds=(0, 1, 2))
+    rows = synth_rows(sizes=sizes, seeds=seeds)
     for r in rows:
-        r["loss"] *= 1 + rng.normal(0, 0.005)
-    res = fit_pilots(rows, ScalingCfg(seeds=3, bootstrap=200), d_sae=512, n_tokens=10)
-    assert res["status"] == "ok"
+        r["loss"] *= 1 + rng.normal(0, noise)
+    return rows
+
+
+def test_held_out_size_inside_its_interval_is_ok():
+    res = fit_pilots(noisy_rows([32, 64, 128, 256]), cfg1d(seeds=3, bootstrap=200),
+                     d_sae=512, n_tokens=10)
+    assert res["status"] == "ok", res["problems"]
+    h = res["holdout"]  # 32-128 fitted (c identified), 256 predicted within its interval
+    assert h["fit_sizes"] == [32, 64, 128] and h["trained_within_ci"]
+    assert abs(h["rel_error_pct"]) < 3 and h["rel_error_pct"] == pytest.approx(100 * h["rel_gap"])
+    lo, hi = h["predicted_loss_ci"]
+    assert lo <= h["predicted_loss_ci_bootstrap"][0] and h["predicted_loss_ci_loso"][1] <= hi
+    assert len(h["predicted_loss_ci_loso"]) == 2 and h["predicted_lr_star_ci"]
+
+
+def test_held_out_size_outside_its_interval_is_not_ok():
+    # Two fitted sizes leave c unidentified (0): the law under-predicts 256's loss, and the
+    # seed noise is far too small for its interval to cover the miss.
+    res = fit_pilots(noisy_rows(SIZES), cfg1d(seeds=3, bootstrap=200), d_sae=512, n_tokens=10)
+    h = res["holdout"]
+    assert h["trained_within_ci"] is False and h["rel_error_pct"] < -1
+    assert res["status"] == "holdout_outside_interval" and "d_sae=256" in res["reason"]
+    assert res["recommended"]["lr_source"] == "fit"  # the lr law itself passed its check
+
+
+def test_seed_spread_gives_parametric_intervals():
+    rows = noisy_rows(SIZES)
+    res = fit_pilots(rows, cfg1d(seeds=3, bootstrap=200), d_sae=512, n_tokens=10)
+    assert res["status"] in ("ok", "holdout_outside_interval")
     assert all(e["parabola"]["loss_se"] > 0 for e in res["per_size"])
     for key in ("loss_fit", "lr_fit"):
         assert "parametric" in res[key]["note"] and res[key]["ci"]["b"][0] < res[key]["ci"]["b"][1]
@@ -114,32 +146,84 @@ def test_seed_spread_gives_parametric_intervals():
     assert lo < lr_star(512) < hi
 
 
+# L(N, D) ground truth of the joint-law tests: the sweep's best loss is A N^-B + C at
+# SWEEP tokens; E + A N^-B + BD (D/SWEEP)^-BETA in general (E = C - BD at the sweep count).
+BD, BETA, SWEEP = 0.03, 0.4, 4096
+
+
+def joint_loss(n, d):
+    return A * n ** -B + C - BD + BD * (d / SWEEP) ** -BETA
+
+
+def joint_rows(sizes=(64, 128, 256, 512), counts=(1024, 16384)):
+    """The lr sweep at SWEEP tokens, then each count at each size's best (= exact) lr."""
+    rows = [{**r, "n_tokens": SWEEP} for r in synth_rows(sizes, lrs=[6.25e-5, 1.25e-4, *LRS])]
+    for r in rows:
+        r["loss"] += joint_loss(r["d_sae"], SWEEP) - (A * r["d_sae"] ** -B + C)
+    rows += [{"d_sae": n, "lr": lr_star(n), "seed": 0, "status": "ok", "n_tokens": d,
+              "loss": joint_loss(n, d)} for n in sizes for d in counts]
+    return rows
+
+
+def test_joint_law_predicts_width_and_tokens_and_the_held_out_size():
+    cfg = ScalingCfg(n_tokens=SWEEP, tokens_grid=(1024, 16384), bootstrap=0)
+    res = fit_pilots(joint_rows(), cfg, d_sae=2048, n_tokens=10, train_tokens=65536)
+    assert res["status"] == "ok", res["problems"]
+    assert res["loss_fit"]["law"].startswith("L = E + A")
+    assert res["tokens_grid"] == [1024, 4096, 16384]
+    assert res["loss_fit"]["coef"]["alpha"] == pytest.approx(B, rel=1e-3)
+    assert res["loss_fit"]["coef"]["beta"] == pytest.approx(BETA, rel=1e-3)
+    t = res["extrapolation"]["train_sae"]  # 4x the widest pilot, 4x its tokens
+    assert (t["d_sae"], t["n_tokens"], t["beyond_largest_pilot_tokens"]) == (2048, 65536, 4.0)
+    assert t["loss"] == pytest.approx(joint_loss(2048, 65536), rel=1e-4)
+    assert t["tokens_for_1pct_of_floor"] > 16384
+    h = res["holdout"]  # 64-256 at all three counts fitted, 512 predicted at the sweep's
+    assert h["fit_sizes"] == [64, 128, 256] and h["n_tokens"] == SWEEP
+    assert abs(h["rel_error_pct"]) < 0.1 and h["lr_star_ratio"] == pytest.approx(1, rel=1e-6)
+    assert h["predicted_loss_ci_loso"] is not None  # 3 sizes: each left out in turn
+
+
+def test_rising_lr_law_falls_back_to_the_nearest_width():
+    # lr* rising with width (b = +1) passes every fit but not the lr check.
+    res = fit_pilots(synth_rows(star=lambda n: 1e-5 * n), cfg1d(), d_sae=512, n_tokens=10)
+    assert res["status"] == "lr_fallback" and "lr_max_exponent" in res["reason"]
+    chk = res["lr_check"]
+    assert not chk["ok"] and chk["exponent"] == pytest.approx(1.0, rel=1e-6)
+    rec = res["recommended"]
+    assert rec["lr_source"] == "fallback_nearest_width"
+    assert rec["lr"] == pytest.approx(1e-5 * 256, rel=1e-6)  # measured lr* at 256, not 512's
+    assert rec["source"].startswith("FALLBACK, not the law") and "d_sae=256" in rec["source"]
+    # Far beyond the swept lrs: the law's lr* at 2**20 is 2.4e-7, below 2.5e-4.
+    far = fit_pilots(synth_rows(), cfg1d(), d_sae=2 ** 20, n_tokens=10)
+    assert far["status"] == "lr_fallback" and "outside the swept lrs" in far["reason"]
+
+
 def test_edge_of_grid_is_degenerate_and_the_fallback_says_so():
     # The largest size wants an lr above the grid.
     rows = synth_rows(star=lambda n: 0.256 / n if n < 256 else 0.05)
-    res = fit_pilots(rows, ScalingCfg(), d_sae=512, n_tokens=10)
+    res = fit_pilots(rows, cfg1d(), d_sae=512, n_tokens=10)
     assert res["status"] == "degenerate"
     assert "d_sae=256" in res["reason"] and "largest in the grid" in res["reason"]
     rec = res["recommended"]
     assert rec["lr"] == 1.6e-2 and rec["lr_source"] == "fallback_best_pilot"
-    assert rec["source"].startswith("FALLBACK, not a fit") and "d_sae=256" in rec["source"]
+    assert rec["source"].startswith("FALLBACK, not the law") and "d_sae=256" in rec["source"]
     assert "loss_fit" not in res and "extrapolation" not in res
 
 
 def test_one_size_and_rising_losses_are_degenerate():
-    res = fit_pilots(synth_rows(sizes=[64]), ScalingCfg(), d_sae=512, n_tokens=10)
+    res = fit_pilots(synth_rows(sizes=[64]), cfg1d(), d_sae=512, n_tokens=10)
     assert res["status"] == "degenerate" and "only one size" in res["reason"]
     rows = synth_rows()
     for r in rows:
         if r["d_sae"] == 256:
             r["loss"] += 1.0
-    res = fit_pilots(rows, ScalingCfg(), d_sae=512, n_tokens=10)
+    res = fit_pilots(rows, cfg1d(), d_sae=512, n_tokens=10)
     assert res["status"] == "degenerate" and "does not decrease with size" in res["reason"]
 
 
 def test_two_step_method_reproduces_the_seed():
     rows = synth_rows()
-    cfg = ScalingCfg(method="two_step", two_step_lr=2e-3, bootstrap=0)
+    cfg = cfg1d(method="two_step", two_step_lr=2e-3, bootstrap=0)
     res = fit_pilots(rows, cfg, d_sae=512, n_tokens=10)
     assert res["status"] == "ok" and res["two_step_lr"] == 2e-3
     loss = {(r["d_sae"], r["lr"]): r["loss"] for r in rows}
@@ -152,7 +236,7 @@ def test_two_step_method_reproduces_the_seed():
     check = res["holdout"]["checks"][0]
     assert check["d_sae"] == 256 and check["trained_loss"] == loss[(256, 2e-3)]
     assert check["predicted_loss"] == pytest.approx(l64 * (l128 / l64) ** 2, rel=1e-12)
-    bad = fit_pilots(rows, ScalingCfg(method="two_step", two_step_lr=3e-3), d_sae=512,
+    bad = fit_pilots(rows, cfg1d(method="two_step", two_step_lr=3e-3), d_sae=512,
                      n_tokens=10)
     assert bad["status"] == "degenerate" and "not in scaling.lr_grid" in bad["reason"]
 
@@ -160,7 +244,7 @@ def test_two_step_method_reproduces_the_seed():
 def test_outputs_are_strict_json_and_plots(tmp_path):
     rows = synth_rows()
     rows[-1].update(loss=math.nan, status="diverged", error="NaN at step 3")
-    res = fit_pilots(rows, ScalingCfg(bootstrap=20), d_sae=512, n_tokens=10)
+    res = fit_pilots(rows, cfg1d(bootstrap=20), d_sae=512, n_tokens=10)
     written = write_outputs(res, rows, tmp_path)
     report = json.loads(written["fit_json"].read_text(),
                         parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
@@ -169,9 +253,9 @@ def test_outputs_are_strict_json_and_plots(tmp_path):
     for key in ("loss_png", "lr_curves_png", "lr_star_png", "pilots_csv", "loss_csv", "lr_csv"):
         assert written[key].stat().st_size > 0, key
     header = written["pilots_csv"].read_text().splitlines()[0]
-    assert header.startswith("d_sae,lr,seed,status,loss")
+    assert header.startswith("d_sae,lr,seed,n_tokens,status,loss")
     # Degenerate results still write every file but the fit curves, and say why.
-    bad = fit_pilots(synth_rows(sizes=[64]), ScalingCfg(), d_sae=512, n_tokens=10)
+    bad = fit_pilots(synth_rows(sizes=[64]), cfg1d(), d_sae=512, n_tokens=10)
     written = write_outputs(bad, synth_rows(sizes=[64]), tmp_path / "bad")
     report = json.loads(written["fit_json"].read_text())
     assert report["status"] == "degenerate" and report["reason"]
@@ -209,7 +293,8 @@ PILOT_PARAMS = {
     "run": {"device": "cpu", "num_threads": 1, "seed": 5},
     "sae": {"d_sae": 64, "eval_tokens": 1024, "log_every": 4, "l0_coeff": 1.0e-3},
     "scaling": {"d_sae_grid": [8, 16, 32], "lr_grid": [3.0e-3, 1.0e-2, 3.0e-2, 1.0e-1],
-                "n_tokens": 4096, "batch_size": 256, "bootstrap": 50, "lr_warmup_steps": 2,
+                "n_tokens": 4096, "tokens_grid": [2048], "batch_size": 256, "bootstrap": 50,
+                "lr_warmup_steps": 2,
                 "l0_warmup_steps": 4, "seeds": 2, "workers": 1},
     "budget": {"d_sae": 128},
 }
@@ -221,7 +306,7 @@ def test_outputs_are_byte_identical_whatever_the_timings(tmp_path):
     written = []
     for i, (rate, secs) in enumerate([(1.0e5, 3.0), (2.5e6, 0.1)]):
         rows = [{**r, "tokens_per_s": rate, "seconds": secs} for r in synth_rows()]
-        res = fit_pilots(rows, ScalingCfg(bootstrap=20), d_sae=512, n_tokens=10)
+        res = fit_pilots(rows, cfg1d(bootstrap=20), d_sae=512, n_tokens=10)
         written.append(write_outputs(res, rows, tmp_path / str(i)))
     for key, path in written[0].items():
         assert path.read_bytes() == written[1][key].read_bytes(), key
@@ -237,20 +322,24 @@ def test_serial_grid_logs_a_nested_run_per_pilot(tmp_path, isolated_mlflow):
     calls = []
 
     def fake_pilot(p, d, lr, seed, store_dir, threads=None):
-        calls.append((d, lr, seed, store_dir))
+        calls.append((d, lr, seed, p.scaling.n_tokens))
         return {"d_sae": d, "lr": lr, "seed": seed, "status": "ok", "loss": 1.0 / d + lr,
                 "error": "", "tokens_per_s": 1.0e5, "seconds": 0.5,
                 "history": [{"step": 4, "loss": 2.0}, {"step": 8, "loss": 1.5}]}
 
     with stage_run("fit_scaling_laws", params) as parent:
         rows = run_grid(params, tmp_path / "store", pilot_fn=fake_pilot)
-    assert len(calls) == len(rows) == 3 * 4 * 2  # sizes x lrs x seeds
+    # The lr sweep (sizes x lrs x seeds at scaling.n_tokens), then sizes x seeds at the
+    # tokens_grid count, each at its size's best swept lr (the lowest: loss = 1/d + lr).
+    assert len(calls) == len(rows) == 3 * 4 * 2 + 3 * 2
     assert {c[2] for c in calls} == {5, 6}  # run.seed, run.seed + 1
-    keys = [(r["d_sae"], r["lr"], r["seed"]) for r in rows]
+    assert sorted(c for c in calls if c[3] == 2048) == [(d, 3e-3, s, 2048) for d in (8, 16, 32)
+                                                         for s in (5, 6)]
+    keys = [(r["d_sae"], r["n_tokens"], r["lr"], r["seed"]) for r in rows]
     assert keys == sorted(keys)
     runs = mlflow.search_runs(experiment_names=["saelab"],
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(runs) == 24
+    assert len(runs) == 30
     history = mlflow.tracking.MlflowClient().get_metric_history(runs.run_id[0], "train.loss")
     assert sorted(m.step for m in history) == [4, 8]
     assert runs["metrics.heldout_loss"].notna().all()
@@ -268,20 +357,29 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     main()
 
     report = json.loads((tmp_path / paths.FIT_JSON).read_text())
-    assert len(report["pilots"]) == 24
+    assert len(report["pilots"]) == 30  # 24 in the lr sweep, 6 at tokens_grid's 2048
     ok = [p for p in report["pilots"] if p["status"] == "ok"]
     assert ok, report["pilots"]
     for p in ok:  # the loss is the held-out objective of DESIGN §6
         assert p["loss"] == pytest.approx(p["mse"] * store.d + 1.0e-3 * p["l0"], rel=1e-9)
-        assert p["tokens"] == 4096
-    assert report["status"] in ("ok", "degenerate")
+        assert p["tokens"] == p["n_tokens"] in (4096, 2048)
     rec = report["recommended"]
     assert rec["n_tokens"] == 2_100_000_000 and rec["d_sae"] == 64
-    if report["status"] == "ok":
-        assert rec["lr_source"] == "fit" and rec["lr"] > 0 and rec["caveats"]
+    assert report["status"] in ("ok", "lr_fallback", "holdout_outside_interval", "degenerate")
+    if report["status"] != "degenerate":
+        assert report["loss_fit"]["law"].startswith("L = E + A")  # L(N, D): tokens_grid set
         assert report["extrapolation"]["budget"]["d_sae"] == 128
+        t = report["extrapolation"]["train_sae"]
+        assert t["n_tokens"] == 2_100_000_000
+        # Pilots at batch 256, train_sae at 4096: the law's tokens are not train_sae's.
+        assert t["batch_matched"] is False and "batch 256" in t["loss_note"]
+        assert rec["lr"] > 0 and rec["caveats"]
+        assert (rec["lr_source"] == "fit") == report["lr_check"]["ok"]
     else:
         assert rec["source"].startswith("FALLBACK") and report["reason"]
+    assert (report["status"] == "ok") == (not report["problems"])
+    md = (tmp_path / paths.BUDGET_MD).read_text()
+    assert f"({rec['lr_source']})" in md and f"status {report['status']}" in md
     for name in ("loss_vs_size.png", "lr_curves.png", "lr_star_vs_size.png", "pilots.csv"):
         assert (tmp_path / paths.SCALING_DIR / name).stat().st_size > 0
     assert json.loads((tmp_path / paths.BUDGET_JSON).read_text())["tokens"] == 2.1e9
@@ -292,8 +390,8 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     parents = runs[(runs["tags.dvc.stage"] == "fit_scaling_laws") & runs["tags.saelab.pilot"].isna()]
     assert len(parents) == 1
     nested = runs[runs["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]]
-    assert len(nested) == 24
-    assert "metrics.degenerate" in parents.columns
+    assert len(nested) == 30
+    assert {"metrics.degenerate", "metrics.status_ok"} <= set(parents.columns)
 
 
 def test_pilots_ignore_the_train_only_keys(tmp_path):

@@ -222,10 +222,17 @@ class SAECfg:
 @dataclass(frozen=True)
 class ScalingCfg:
     method: str = choice("grid", "grid", "two_step")
-    # Defaults fit the tiny profile (d_in 64); the real profiles set their own grids.
-    d_sae_grid: tuple[int, ...] = (8, 16, 32, 64)
-    lr_grid: tuple[float, ...] = (1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2, 1.0e-1)
-    n_tokens: int = rng(65_536, 1)
+    # Defaults fit the tiny profile (d_in 64, d_sae 512): over-complete widths like the
+    # trained SAE's (1x to 8x d_in; the largest, the trained width, is held out to check
+    # the law); the real profiles set their own grids.
+    d_sae_grid: tuple[int, ...] = (64, 128, 256, 512)
+    lr_grid: tuple[float, ...] = (3.0e-3, 1.0e-2, 3.0e-2, 1.0e-1)
+    # Tokens of the lr sweep (every size x lr x seed).
+    n_tokens: int = rng(32_768, 1)
+    # Further token counts, each trained at every size's best swept lr: with any, the loss
+    # law is L(N, D) = E + A N^-alpha + B D^-beta over width and tokens (it needs more
+    # points than its 5 parameters: sizes x counts > 5), predicted at train_sae's tokens.
+    tokens_grid: tuple[int, ...] = (16_384, 65_536)
     batch_size: int = rng(256, 1)
     workers: int = rng(2, 1)
     bootstrap: int = rng(200, 0)
@@ -242,6 +249,11 @@ class ScalingCfg:
     # method two_step: the one lr of its loss law (must be in lr_grid); null = the grid lr
     # with the lowest summed loss over the two smallest sizes.
     two_step_lr: Optional[float] = rng(None, 0.0, 1.0, lo_open=True)
+    # The lr law lr* = a N^b is used only when b <= lr_max_exponent, its R^2 (ln lr*) >=
+    # lr_min_r2 and its answer lies inside the swept lrs; otherwise the best measured lr at
+    # the nearest pilot width is (status lr_fallback).
+    lr_max_exponent: float = 0.0
+    lr_min_r2: float = rng(0.5, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -384,6 +396,9 @@ class Params:
                               "sae.l0_coeff, which is 0; set sae.l0_coeff > 0 (e.g. 1.0e-3)")
         if len(self.scaling.d_sae_grid) < 1 or len(self.scaling.lr_grid) < 1:
             raise ConfigError("scaling.d_sae_grid and scaling.lr_grid must not be empty")
+        if any(n < 1 for n in self.scaling.tokens_grid):
+            raise ConfigError(f"scaling.tokens_grid = {list(self.scaling.tokens_grid)} must hold "
+                              "token counts >= 1")
 
 
 # --- parsing -----------------------------------------------------------------------

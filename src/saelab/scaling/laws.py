@@ -2,9 +2,11 @@
 
 Pilots: every d_sae in scaling.d_sae_grid x every lr in scaling.lr_grid x scaling.seeds
 seeds, trained by the shared trainer with train_sae's recipe (short warm-ups,
-scaling.n_tokens tokens). Pilots with the same seed see the same batches in the same
-order, so lr is the only thing that differs along a curve; the spread over seeds is the
-noise the fits' confidence intervals are built from.
+scaling.n_tokens tokens); then every d_sae x seed at each count of scaling.tokens_grid, at
+that size's lr* from the sweep. Pilots with the same seed see the same batches in the
+same order, so lr is the only thing that differs along a curve. The widths are meant to be
+over-complete like the trained SAE (issue 17: under-complete pilots fall with rank, which
+says nothing about sparse dictionaries).
 
 Held-out data: the last sae.eval_tokens vectors of the store. The store keeps corpus
 order, so they come from the last documents extracted (one document may straddle the
@@ -21,10 +23,15 @@ is what the optimiser is asked to minimise, so its best lr is the one to carry o
 The squared error is per token, so at E||x||^2 = 1 it is on the scale of the FVU.
 
 Fits (saelab.scaling.powerlaw) on the mean over seeds, method `grid`: per size, lr* from a
-parabola in log lr around the best grid lr; the loss law on each size's best trained
-loss (its mean at the best grid lr); lr*(d_sae) as a power law. Method `two_step`
-(the seed's): the loss law through the two smallest sizes at one lr, lr* of the same two
-sizes, the lr law through them; any further sizes check the prediction.
+parabola in log lr around the best grid lr; the loss law on each (size, token count)'s
+best loss: L(N, D) = E + A N^-alpha + B D^-beta with a tokens_grid, else L(N) = a N^-b + c
+at the sweep's count; lr*(d_sae) as a power law, used only if `lr_check` passes (else the
+measured lr* of the nearest width). Intervals (`uncertainty`): a bootstrap over pilots
+(each width's seeds redrawn), leave-one-size-out refits and the laws' seed-noise band,
+united. The largest width is fitted without and predicted (`holdout`); measured outside
+its interval (widened by the measurement's seed noise), the status says so. Method
+`two_step` (the seed's): the loss law through the two smallest sizes at one lr, lr* of the
+same two sizes, the lr law through them; any further sizes check the prediction.
 """
 from __future__ import annotations
 
@@ -44,10 +51,11 @@ import torch
 from tqdm import tqdm
 
 from ..core import atomic, paths, plots
-from .budget import write_budget
+from .budget import budget_markdown, write_budget
 from ..core.config import Params, SAECfg, ScalingCfg
 from ..core.errors import SaelabError
-from .powerlaw import Fit, FitError, best_lr_parabola, fit_loss_vs_size, fit_lr_vs_size
+from .powerlaw import (Fit, FitError, JointFit, best_lr_parabola, fit_joint, fit_loss_vs_size,
+                       fit_lr_vs_size)
 from ..core.runtime import resolve_device
 from ..core.stage import run_stage
 from ..activations.store import ActivationStore
@@ -64,7 +72,8 @@ LR_CURVES_PNG = paths.SCALING_DIR / "lr_curves.png"
 LR_STAR_PNG = paths.SCALING_DIR / "lr_star_vs_size.png"
 # No timings (tokens/s, seconds): pilots.csv and fit.json are tracked by DVC and must be
 # byte-identical on rerun; each pilot's MLflow run has them.
-PILOT_COLUMNS = ["d_sae", "lr", "seed", "status", "loss", "mse", "fvu", "l0", "dead_fraction",
+PILOT_COLUMNS = ["d_sae", "lr", "seed", "n_tokens", "status", "loss", "mse", "fvu", "l0",
+                 "dead_fraction",
                  "tokens", "error"]
 
 
@@ -129,8 +138,8 @@ def run_pilot(params: Params, d_sae: int, lr: float, seed: int, store_dir: str,
     s = params.scaling
     n_train = heldout_split(store.n_tokens, params.sae.eval_tokens, s.batch_size)
     heldout = store.gather(np.arange(n_train, store.n_tokens))
-    row: dict[str, Any] = {"d_sae": d_sae, "lr": lr, "seed": seed, "status": "ok",
-                           "error": "", "history": []}
+    row: dict[str, Any] = {"d_sae": d_sae, "lr": lr, "seed": seed, "n_tokens": s.n_tokens,
+                           "status": "ok", "error": "", "history": []}
     t0 = time.perf_counter()
     try:
         result = train(cfg, store.iter_batches(s.batch_size, seed=seed, n_tokens=n_train),
@@ -162,9 +171,10 @@ PilotFn = Callable[..., dict[str, Any]]
 
 
 def _log_pilot(row: dict[str, Any], params: Params) -> None:
-    name = f"pilot d_sae={row['d_sae']} lr={row['lr']:.2e} seed={row['seed']}"
+    name = (f"pilot d_sae={row['d_sae']} lr={row['lr']:.2e} seed={row['seed']} "
+            f"tokens={row['n_tokens']}")
     spec = {"d_sae": row["d_sae"], "lr": row["lr"], "seed": row["seed"],
-            "n_tokens": params.scaling.n_tokens, "batch_size": params.scaling.batch_size}
+            "n_tokens": row["n_tokens"], "batch_size": params.scaling.batch_size}
     with nested_run(name, spec, tags={"saelab.pilot": "true", "status": row["status"]}):
         for h in row.get("history", []):
             # Under train_sae's metric names (train.lr is the schedule; the param lr the
@@ -176,41 +186,67 @@ def _log_pilot(row: dict[str, Any], params: Params) -> None:
         log_metrics({k: row[k] for k in ("dead_fraction", "tokens_per_s", "seconds") if k in row})
 
 
+def _with_tokens(params: Params, n_tokens: int) -> Params:
+    return dataclasses.replace(params, scaling=dataclasses.replace(params.scaling,
+                                                                   n_tokens=n_tokens))
+
+
+def _run_jobs(params: Params, jobs: list[tuple[int, float, int, int]], store_dir: str,
+              pilot_fn: PilotFn, bar) -> list[dict[str, Any]]:
+    """(d_sae, lr, seed, n_tokens) pilots in `scaling.workers` processes; each logged as a
+    nested run (from this process, so all of them land under the stage's run)."""
+    def done(row: dict[str, Any], n_tokens: int) -> dict[str, Any]:
+        row.setdefault("n_tokens", n_tokens)
+        _log_pilot(row, params)
+        bar.update()
+        return row
+
+    workers = min(params.scaling.workers, len(jobs))
+    rows: list[dict[str, Any]] = []
+    if workers <= 1:
+        for d, lr, seed, n in jobs:
+            rows.append(done(pilot_fn(_with_tokens(params, n), d, lr, seed, store_dir), n))
+        return rows
+    # Split the cores between workers; spawn, because forking a process that already
+    # ran torch can deadlock in its thread pools.
+    threads = max(1, (params.run.num_threads or os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(pilot_fn, _with_tokens(params, n), d, lr, seed, store_dir,
+                               threads): n for d, lr, seed, n in jobs}
+        try:
+            for fut in cf.as_completed(futures):
+                rows.append(done(fut.result(), futures[fut]))
+        except BaseException:
+            # Do not sit through the rest of the grid after a failure or Ctrl-C.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return rows
+
+
 def run_grid(params: Params, store_dir: str | Path = paths.ACTIVATIONS_DIR,
              pilot_fn: PilotFn = run_pilot) -> list[dict[str, Any]]:
-    """Every (d_sae, lr, seed) pilot, in `scaling.workers` processes; each logged as a nested
-    run (from this process, so all of them land under the stage's run)."""
+    """The lr sweep (every d_sae x lr x seed at scaling.n_tokens), then, for each count in
+    scaling.tokens_grid, every d_sae x seed at that size's lr* from the sweep: the token
+    axis of L(N, D) costs one lr per size, not a sweep (its lr* is the sweep's, a caveat)."""
     s = params.scaling
     seeds = [params.run.seed + i for i in range(s.seeds)]
-    grid = [(d, lr, seed) for d in sorted(set(s.d_sae_grid)) for lr in sorted(set(s.lr_grid))
-            for seed in seeds]
-    workers = min(s.workers, len(grid))
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(grid), desc="pilots", disable=None)
-    if workers <= 1:
-        for d, lr, seed in grid:
-            rows.append(pilot_fn(params, d, lr, seed, str(store_dir)))
-            _log_pilot(rows[-1], params)
-            bar.update()
-    else:
-        # Split the cores between workers; spawn, because forking a process that already
-        # ran torch can deadlock in its thread pools.
-        threads = max(1, (params.run.num_threads or os.cpu_count() or 1) // workers)
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [pool.submit(pilot_fn, params, d, lr, seed, str(store_dir), threads)
-                       for d, lr, seed in grid]
-            try:
-                for fut in cf.as_completed(futures):
-                    rows.append(fut.result())
-                    _log_pilot(rows[-1], params)
-                    bar.update()
-            except BaseException:
-                # Do not sit through the rest of the grid after a failure or Ctrl-C.
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+    sizes = sorted(set(s.d_sae_grid))
+    sweep = [(d, lr, seed, s.n_tokens) for d in sizes for lr in sorted(set(s.lr_grid))
+             for seed in seeds]
+    counts = [n for n in sorted(set(s.tokens_grid)) if n != s.n_tokens]
+    bar = tqdm(total=len(sweep) + len(sizes) * len(seeds) * len(counts), desc="pilots",
+               disable=None)
+    rows = _run_jobs(params, sweep, str(store_dir), pilot_fn, bar)
+    # The parabola's lr* where there is one (grid points are 3x apart; the best of them can
+    # sit far up the curve's steep side), else the best grid lr.
+    best = {e["d_sae"]: e.get("lr_star", e["best_grid_lr"])
+            for e in per_size(mean_losses(rows), s.parabola_neighbours)}
+    extra = [(d, best[d], seed, n) for n in counts for d in sizes
+             if math.isfinite(best[d]) for seed in seeds]
+    rows += _run_jobs(params, extra, str(store_dir), pilot_fn, bar)
     bar.close()
-    return sorted(rows, key=lambda r: (r["d_sae"], r["lr"], r["seed"]))
+    return sorted(rows, key=lambda r: (r["d_sae"], r["n_tokens"], r["lr"], r["seed"]))
 
 
 # --- fits (pure) -----------------------------------------------------------------------
@@ -236,7 +272,7 @@ def mean_losses(rows: Sequence[dict[str, Any]]) -> Means:
     return out
 
 
-def _per_size(table: Means, neighbours: int) -> list[dict[str, Any]]:
+def per_size(table: Means, neighbours: int) -> list[dict[str, Any]]:
     """lr curve of each size (means over seeds), its parabola lr* (or why there is none)
     and its best loss."""
     out = []
@@ -273,15 +309,131 @@ def _require_parabolas(sizes: list[dict[str, Any]]) -> None:
         raise FitError("no best learning rate for " + " | ".join(bad))
 
 
-def _fit_grid(sizes: list[dict[str, Any]], cfg: ScalingCfg, seed: int) -> tuple[Fit, Fit]:
+def sweep_rows(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> list[dict[str, Any]]:
+    """The lr sweep's pilots (scaling.n_tokens); rows without a count are the sweep's."""
+    return [r for r in rows if r.get("n_tokens", cfg.n_tokens) == cfg.n_tokens]
+
+
+def best_cells(rows: Sequence[dict[str, Any]], sweep_tokens: int) -> list[tuple[int, int, float]]:
+    """(d_sae, tokens, loss) of every width and token count: the lowest mean over seeds
+    across the lrs run there (the sweep's lrs, or the one best lr of a tokens_grid count)."""
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["d_sae"], r.get("n_tokens", sweep_tokens)), []).append(r)
+    out = []
+    for (d, n), group in sorted(groups.items()):
+        means = [m for m, _ in mean_losses(group).values() if math.isfinite(m)]
+        out.append((d, n, min(means) if means else math.nan))
+    return out
+
+
+@dataclasses.dataclass
+class Laws:
+    """The fitted laws of one set of pilots. `loss` is L(N, D) with scaling.tokens_grid,
+    else L(N) at the sweep's token count (which it cannot leave)."""
+    sizes: list[dict[str, Any]]
+    loss: Fit | JointFit
+    lr: Fit
+    sweep_tokens: int
+
+    def predict_loss(self, n: float, d: float) -> float | None:
+        if isinstance(self.loss, JointFit):
+            return self.loss.predict(n, d)
+        return self.loss.predict(n) if d == self.sweep_tokens else None
+
+
+def fit_laws(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, seed: int, *,
+             bootstrap: int | None = None, start: Laws | None = None) -> Laws:
+    """The laws of method `grid` from pilot rows; `bootstrap` overrides scaling.bootstrap
+    (0 for refits inside the interval estimates, which warm-start from `start`)."""
+    reps = cfg.bootstrap if bootstrap is None else bootstrap
+    sizes = per_size(mean_losses(sweep_rows(rows, cfg)), cfg.parabola_neighbours)
     _require_parabolas(sizes)
     loss_sigma, lr_sigma = _sigmas(sizes)
     d = [e["d_sae"] for e in sizes]
-    loss_fit = fit_loss_vs_size(d, [e["best_loss"] for e in sizes], sigma=loss_sigma,
-                                bootstrap=cfg.bootstrap, seed=seed)
+    loss: Fit | JointFit
+    if cfg.tokens_grid:
+        cells = [c for c in best_cells(rows, cfg.n_tokens) if c[0] in d]
+        n, t, v = zip(*cells)
+        warm = start.loss if start and isinstance(start.loss, JointFit) else None
+        loss = fit_joint(n, t, v, start=warm)
+    else:
+        loss = fit_loss_vs_size(d, [e["best_loss"] for e in sizes], sigma=loss_sigma,
+                                bootstrap=reps, seed=seed)
     lr_fit = fit_lr_vs_size(d, [e["lr_star"] for e in sizes], sigma_log=lr_sigma,
-                            bootstrap=cfg.bootstrap, seed=seed)
-    return loss_fit, lr_fit
+                            bootstrap=reps, seed=seed)
+    return Laws(sizes, loss, lr_fit, cfg.n_tokens)
+
+
+Target = tuple[str, int, int]  # name, d_sae, tokens
+
+
+def _interval(point: float | None, boot: list[float], loso: list[float],
+              seed_ci: list[float] | None, min_reps: int = 20) -> dict[str, Any]:
+    """The reported interval: the union of the bootstrap-over-pilots 95% interval, the
+    range of the leave-one-size-out refits, the law's own seed-noise interval (parametric
+    bootstrap, where it has one) and the point itself."""
+    b = ([float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+         if len(boot) >= min_reps else None)
+    lo = [min(loso), max(loso)] if loso else None
+    parts = [v for v in (b, lo, seed_ci, [point, point] if point is not None else None) if v]
+    return {"ci": ([min(p[0] for p in parts), max(p[1] for p in parts)]
+                   if (b or lo or seed_ci) else None),
+            "ci_bootstrap": b, "ci_loso": lo, "ci_seed_noise": seed_ci, "loso": loso,
+            "bootstrap_reps": len(boot)}
+
+
+def uncertainty(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, laws: Laws,
+                targets: Sequence[Target], seed: int) -> dict[str, dict[str, Any]]:
+    """Intervals of the predicted loss and lr* at each target, from the pilots themselves:
+    a bootstrap over pilots (each width's seeds redrawn with replacement, so a seed's lr
+    curve moves as one, and everything refitted) and leave-one-size-out refits (how far
+    the prediction moves when one width is dropped: the law's own instability, which seed
+    noise alone does not show)."""
+    fitted = [e["d_sae"] for e in laws.sizes]
+    by_size: dict[int, dict[int, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r["d_sae"] in fitted:
+            by_size.setdefault(r["d_sae"], {}).setdefault(r["seed"], []).append(r)
+
+    def predict(l: Laws) -> list[tuple[float | None, float]]:
+        return [(l.predict_loss(n, dd), l.lr.predict(n)) for _, n, dd in targets]
+
+    boot: list[list[tuple[float | None, float]]] = []
+    rng = np.random.default_rng(seed)
+    n_seeds = min(len(v) for v in by_size.values()) if by_size else 0
+    for _ in range(cfg.bootstrap if n_seeds > 1 else 0):
+        drawn = []
+        for d in fitted:
+            keys = sorted(by_size[d])
+            for i in rng.integers(0, len(keys), len(keys)):
+                drawn += by_size[d][keys[i]]
+        try:
+            boot.append(predict(fit_laws(drawn, cfg, seed, bootstrap=0, start=laws)))
+        except FitError:
+            continue
+    loso: list[list[tuple[float | None, float]]] = []
+    if len(fitted) >= 3:
+        for d in fitted:
+            try:
+                loso.append(predict(fit_laws([r for r in rows if r["d_sae"] != d and
+                                               r["d_sae"] in fitted], cfg, seed, bootstrap=0)))
+            except FitError:
+                continue
+    out = {}
+    for i, (name, n, dd) in enumerate(targets):
+        point_loss, point_lr = laws.predict_loss(n, dd), laws.lr.predict(n)
+        loss_b = [p[i][0] for p in boot if p[i][0] is not None and math.isfinite(p[i][0])]
+        loss_l = [p[i][0] for p in loso if p[i][0] is not None and math.isfinite(p[i][0])]
+        lr_b = [p[i][1] for p in boot if math.isfinite(p[i][1])]
+        lr_l = [p[i][1] for p in loso if math.isfinite(p[i][1])]
+        seed_ci = laws.loss.predict_ci(n) if isinstance(laws.loss, Fit) else None
+        out[name] = {"loss": point_loss,
+                     "loss_interval": _interval(point_loss, loss_b, loss_l, seed_ci)
+                     if point_loss is not None else None,
+                     "lr": point_lr,
+                     "lr_interval": _interval(point_lr, lr_b, lr_l, laws.lr.predict_ci(n))}
+    return out
 
 
 def _two_step_lr(means: Means, pair: list[int], cfg: ScalingCfg) -> float:
@@ -327,6 +479,7 @@ def _check(loss_fit: Fit, lr_fit: Fit | None, d: int, trained_loss: float,
     out = {"d_sae": d, "predicted_loss": pred, "predicted_loss_ci": ci,
            "trained_loss": trained_loss, "gap": pred - trained_loss,
            "rel_gap": (pred - trained_loss) / trained_loss,
+           "rel_error_pct": 100 * (pred - trained_loss) / trained_loss,
            "trained_within_ci": None if ci is None else bool(ci[0] <= trained_loss <= ci[1])}
     if lr_fit is not None and trained_lr_star is not None:
         out["predicted_lr_star"] = lr_fit.predict(d)
@@ -335,20 +488,49 @@ def _check(loss_fit: Fit, lr_fit: Fit | None, d: int, trained_loss: float,
     return out
 
 
-def _holdout_grid(sizes: list[dict[str, Any]], cfg: ScalingCfg, seed: int) -> dict[str, Any]:
+def measurement_interval(pred: float, ci: list[float] | None,
+                         se: float | None) -> list[float] | None:
+    """Where a measurement of the predicted loss should land: the law's interval widened,
+    in quadrature at 95%, by the measurement's own noise (a mean over seeds)."""
+    if ci is None or se is None:
+        return ci
+    z = 1.96 * se
+    return [pred - math.hypot(pred - ci[0], z), pred + math.hypot(ci[1] - pred, z)]
+
+
+def _holdout_grid(rows: Sequence[dict[str, Any]], sizes: list[dict[str, Any]],
+                  cfg: ScalingCfg, seed: int) -> dict[str, Any]:
+    """Fit without the largest width, predict it, and compare: the loss at the sweep's
+    token count (its best lr) and lr*, with the same intervals as every prediction."""
     if not cfg.holdout_largest:
         return {"status": "off"}
     if len(sizes) < 3:
         return {"status": "skipped", "reason": f"holding out one of {len(sizes)} sizes leaves "
                 "fewer than 2 to fit; add sizes to scaling.d_sae_grid"}
+    last = sizes[-1]
+    kept = [r for r in rows if r["d_sae"] != last["d_sae"]]
     try:
-        loss_fit, lr_fit = _fit_grid(sizes[:-1], cfg, seed)
+        laws = fit_laws(kept, cfg, seed)
     except FitError as e:
         return {"status": "degenerate", "reason": str(e)}
-    last = sizes[-1]
-    return {"status": "ok", "fit_sizes": [e["d_sae"] for e in sizes[:-1]],
-            "loss_fit": loss_fit.to_dict(), "lr_fit": lr_fit.to_dict(),
-            **_check(loss_fit, lr_fit, last["d_sae"], last["best_loss"], last["lr_star"])}
+    d, n = last["d_sae"], cfg.n_tokens
+    u = uncertainty(kept, cfg, laws, [("holdout", d, n)], seed)["holdout"]
+    pred, measured, ci = u["loss"], last["best_loss"], u["loss_interval"]["ci"]
+    se = (last.get("parabola") or {}).get("loss_se")
+    pi = measurement_interval(pred, ci, se)
+    return {"status": "ok", "fit_sizes": [e["d_sae"] for e in laws.sizes], "d_sae": d,
+            "n_tokens": n, "beyond_largest_fitted": d / max(e["d_sae"] for e in laws.sizes),
+            "loss_fit": laws.loss.to_dict(), "lr_fit": laws.lr.to_dict(),
+            "predicted_loss": pred, "trained_loss": measured, "gap": pred - measured,
+            "rel_gap": (pred - measured) / measured,
+            "rel_error_pct": 100 * (pred - measured) / measured,
+            "predicted_loss_ci": ci,
+            "predicted_loss_ci_bootstrap": u["loss_interval"]["ci_bootstrap"],
+            "predicted_loss_ci_loso": u["loss_interval"]["ci_loso"],
+            "measured_loss_se": se, "measurement_interval": pi,
+            "trained_within_ci": None if pi is None else bool(pi[0] <= measured <= pi[1]),
+            "predicted_lr_star": u["lr"], "predicted_lr_star_ci": u["lr_interval"]["ci"],
+            "trained_lr_star": last["lr_star"], "lr_star_ratio": u["lr"] / last["lr_star"]}
 
 
 def _holdout_two_step(means: Means, sizes: list[dict[str, Any]], loss_fit: Fit, lr_fit: Fit,
@@ -361,121 +543,236 @@ def _holdout_two_step(means: Means, sizes: list[dict[str, Any]], loss_fit: Fit, 
     return {"status": "ok", "lr": lr0, "checks": checks}
 
 
-def _curve(fit: Fit, lo: float, hi: float, n: int = 60) -> list[dict[str, float]]:
+def _last_check(holdout: dict[str, Any]) -> dict[str, Any] | None:
+    """The held-out comparison at the largest size the fit did not see, if any."""
+    checks = holdout.get("checks") or ([holdout] if "rel_gap" in holdout else [])
+    return checks[-1] if checks else None
+
+
+def _curve(predict: Callable[[float], float | None],
+           ci: Callable[[float], list[float] | None], lo: float, hi: float,
+           n: int = 60) -> list[dict[str, float]]:
     out = []
     for d in np.geomspace(lo, hi, n):
-        ci = fit.predict_ci(d)
-        out.append({"d_sae": float(d), "value": fit.predict(d),
-                    "lo": ci[0] if ci else math.nan, "hi": ci[1] if ci else math.nan})
+        band = ci(d)
+        out.append({"d_sae": float(d), "value": predict(d),
+                    "lo": band[0] if band else math.nan, "hi": band[1] if band else math.nan})
     return out
 
 
-def _fallback_lr(sizes: list[dict[str, Any]]) -> tuple[float, int] | None:
-    for e in reversed(sizes):
-        if math.isfinite(e["best_grid_lr"]):
-            return e["best_grid_lr"], e["d_sae"]
-    return None
+def _fallback_lr(sizes: list[dict[str, Any]], d_sae: int) -> tuple[float, int] | None:
+    """The best measured lr at the pilot width nearest d_sae (in log width): its parabola
+    lr* where it has one, else its best grid lr."""
+    found = [e for e in sizes if "lr_star" in e or math.isfinite(e["best_grid_lr"])]
+    if not found:
+        return None
+    e = min(found, key=lambda e: (abs(math.log(e["d_sae"] / d_sae)), -e["d_sae"]))
+    return e.get("lr_star", e["best_grid_lr"]), e["d_sae"]
+
+
+def lr_check(laws: Laws, d_sae: int, cfg: ScalingCfg) -> dict[str, Any]:
+    """Whether lr*(d_sae) from the law may be used: the exponent's sign (lr* rising with
+    width extrapolates into divergence: issue 17 measured +10% to +51% over-prediction at
+    2x-8x), how much of the lr* spread the law explains, and whether its answer lies
+    inside the swept lrs (outside, no pilot measured anything like it)."""
+    lrs = [lr for e in laws.sizes for lr in e["lrs"]]
+    b, r2, lr = laws.lr.coef["b"], laws.lr.r2, laws.lr.predict(d_sae)
+    failures = []
+    if b > cfg.lr_max_exponent:
+        failures.append(f"lr* = a N^b has b = {b:.3g} > scaling.lr_max_exponent = "
+                        f"{cfg.lr_max_exponent:g} (lr* rising with width)")
+    if r2 is not None and r2 < cfg.lr_min_r2:
+        failures.append(f"R^2 of the lr law is {r2:.2f} < scaling.lr_min_r2 = "
+                        f"{cfg.lr_min_r2:g}: it explains little of the lr* spread")
+    if not min(lrs) <= lr <= max(lrs):
+        failures.append(f"lr*(d_sae={d_sae}) = {lr:.3g} lies outside the swept lrs "
+                        f"[{min(lrs):.3g}, {max(lrs):.3g}]")
+    return {"ok": not failures, "exponent": b, "r2": r2, "lr_at_target": lr,
+            "swept_lr_min": min(lrs), "swept_lr_max": max(lrs), "failures": failures}
 
 
 def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n_tokens: int,
-               real_d_sae: int | None = None, seed: int = 0) -> dict[str, Any]:
+               real_d_sae: int | None = None, train_tokens: int | None = None,
+               seed: int = 0) -> dict[str, Any]:
     """Everything fit.json says, from the pilot table alone (no training, no I/O).
 
-    `d_sae` is the size to recommend an lr for (train_sae's), `real_d_sae` another size to
-    extrapolate to (the budget's), `n_tokens` the token budget passed through. A fit the
-    data cannot support gives `status: degenerate` with the reason; the recommended lr
-    then falls back to the best pilot's, and `recommended.source` says so.
+    `d_sae` is the size to recommend an lr for (train_sae's), trained on `train_tokens`
+    (default `n_tokens`); `real_d_sae` another size to extrapolate to (the budget's);
+    `n_tokens` the token budget passed through. A fit the data cannot support gives
+    `status: degenerate` with the reason; an lr law that fails `lr_check` gives
+    `lr_fallback`; a held-out width measured outside its interval gives
+    `holdout_outside_interval`. The recommended lr then comes from the nearest pilot width
+    where the law is not to be trusted, and `recommended.source` says so.
     """
-    means = mean_losses(rows)
-    sizes = _per_size(means, cfg.parabola_neighbours)
+    means = mean_losses(sweep_rows(rows, cfg))
+    sizes = per_size(means, cfg.parabola_neighbours)
+    train_tokens = train_tokens or n_tokens
     result: dict[str, Any] = {
         "method": cfg.method,
         "loss_definition": "held-out training objective (squared error per token in the "
                            "normalised space + sparsity penalty at the final coefficient)",
         "pilot_tokens": cfg.n_tokens,
+        "tokens_grid": sorted({cfg.n_tokens, *cfg.tokens_grid}),
         "seeds": cfg.seeds,
         "per_size": sizes,
     }
     targets = {"train_sae": d_sae, **({"budget": real_d_sae} if real_d_sae else {})}
+    tokens = {"train_sae": train_tokens, "budget": n_tokens}
+
+    def fallback(status: str, why: str) -> dict[str, Any]:
+        fb = _fallback_lr(sizes, d_sae)
+        return {"lr": fb[0] if fb else None, "d_sae": d_sae, "n_tokens": n_tokens,
+                "lr_source": ("fallback_best_pilot" if status == "degenerate"
+                              else "fallback_nearest_width") if fb else "none",
+                "source": (f"FALLBACK, not the law: the best measured lr at d_sae={fb[1]} "
+                           f"(the pilot width nearest d_sae={d_sae}), because {why}" if fb
+                           else f"no lr: every pilot failed and {why}")
+                          + "; n_tokens: compute budget (reports/budget.json)"}
+
     try:
         if cfg.method == "grid":
-            loss_fit, lr_fit = _fit_grid(sizes, cfg, seed)
-            holdout = _holdout_grid(sizes, cfg, seed)
+            laws = fit_laws(rows, cfg, seed)
+            loss_fit, lr_fit = laws.loss, laws.lr
+            holdout = _holdout_grid(rows, sizes, cfg, seed)
         else:
             loss_fit, lr_fit, lr0 = _fit_two_step(means, sizes, cfg, seed)
+            laws = Laws(sizes[:2], loss_fit, lr_fit, cfg.n_tokens)
             result["two_step_lr"] = lr0
             holdout = _holdout_two_step(means, sizes, loss_fit, lr_fit, lr0)
     except FitError as e:
-        fb = _fallback_lr(sizes)
-        result.update(status="degenerate", reason=str(e), holdout={"status": "skipped"})
-        result["recommended"] = {
-            "lr": fb[0] if fb else None, "d_sae": d_sae, "n_tokens": n_tokens,
-            "lr_source": "fallback_best_pilot" if fb else "none",
-            "source": (f"FALLBACK, not a fit: the best pilot lr at d_sae={fb[1]} (the largest "
-                       f"pilot size with a finite loss), not extrapolated to d_sae={d_sae}, "
-                       f"because the fit is degenerate: {e}" if fb else
-                       f"no lr: every pilot failed and the fit is degenerate: {e}")
-                      + "; n_tokens: compute budget (reports/budget.json)",
-        }
+        result.update(status="degenerate", reason=str(e), problems=[f"degenerate: {e}"],
+                      holdout={"status": "skipped"})
+        result["recommended"] = fallback("degenerate", f"the fit is degenerate: {e}")
         return result
 
-    result.update(status="ok", reason="", loss_fit=loss_fit.to_dict(), lr_fit=lr_fit.to_dict(),
+    joint = isinstance(loss_fit, JointFit)
+    at = {name: (tokens[name] if joint else cfg.n_tokens) for name in targets}
+    unc = (uncertainty(rows, cfg, laws, [(k, n, at[k]) for k, n in targets.items()], seed)
+           if cfg.method == "grid" else {})
+    check = lr_check(laws, d_sae, cfg)
+    problems = []
+    if not check["ok"]:
+        problems.append(("lr_fallback", "; ".join(check["failures"])))
+    h = _last_check(holdout)
+    if h and h["trained_within_ci"] is False:
+        iv = h.get("measurement_interval") or h["predicted_loss_ci"]
+        problems.append(("holdout_outside_interval",
+                         f"the held-out d_sae={h['d_sae']} measured {h['trained_loss']:.4g}, "
+                         f"outside the predicted interval [{iv[0]:.4g}, {iv[1]:.4g}] (error "
+                         f"{h['rel_error_pct']:+.1f}%)"))
+    result.update(status=problems[0][0] if problems else "ok",
+                  reason="; ".join(f"{k}: {v}" for k, v in problems),
+                  problems=[f"{k}: {v}" for k, v in problems],
+                  loss_fit=loss_fit.to_dict(), lr_fit=lr_fit.to_dict(), lr_check=check,
                   holdout=holdout)
-    d_fit = loss_fit.x
-    result["extrapolation"] = {
-        name: {"d_sae": n, "beyond_largest_pilot": n / max(d_fit),
-               "loss": loss_fit.predict(n), "loss_ci": loss_fit.predict_ci(n),
-               "loss_note": f"at the pilots' {cfg.n_tokens} tokens, not the token budget",
-               "lr": lr_fit.predict(n), "lr_ci": lr_fit.predict_ci(n)}
-        for name, n in targets.items()}
-    result["recommended"] = {
-        "lr": lr_fit.predict(d_sae), "d_sae": d_sae, "n_tokens": n_tokens, "lr_source": "fit",
-        "source": f"lr: power law lr*(d_sae) from the pilot grid (method {cfg.method}) "
-                  f"evaluated at d_sae={d_sae}; n_tokens: compute budget (reports/budget.json)",
-    }
+    d_fit = [e["d_sae"] for e in laws.sizes]
+    extrapolation = {}
+    for name, n in targets.items():
+        u = unc.get(name, {})
+        loss_iv = (u.get("loss_interval") or {})
+        lr_iv = u.get("lr_interval") or {}
+        t = {"d_sae": n, "n_tokens": at[name], "beyond_largest_pilot": n / max(d_fit),
+             "loss": laws.predict_loss(n, at[name]),
+             "loss_ci": loss_iv.get("ci") if unc else loss_fit.predict_ci(n),
+             "loss_ci_bootstrap": loss_iv.get("ci_bootstrap"),
+             "loss_ci_loso": loss_iv.get("ci_loso"),
+             "lr": lr_fit.predict(n),
+             "lr_ci": lr_iv.get("ci") if unc else lr_fit.predict_ci(n)}
+        if joint:
+            t["beyond_largest_pilot_tokens"] = at[name] / max(result["tokens_grid"])
+            # The token budget the law asks for: where more data buys < 1% of the loss.
+            t["tokens_for_1pct_of_floor"] = loss_fit.tokens_for(n, 0.01)
+        else:
+            t["loss_note"] = f"at the pilots' {cfg.n_tokens} tokens, not the token budget"
+        extrapolation[name] = t
+    result["extrapolation"] = extrapolation
+    if check["ok"]:
+        result["recommended"] = {
+            "lr": lr_fit.predict(d_sae), "d_sae": d_sae, "n_tokens": n_tokens,
+            "lr_source": "fit",
+            "source": f"lr: power law lr*(d_sae) from the pilot grid (method {cfg.method}) "
+                      f"evaluated at d_sae={d_sae}; n_tokens: compute budget "
+                      "(reports/budget.json)"}
+    else:
+        result["recommended"] = fallback("lr_fallback", "the lr law failed its check: "
+                                         + "; ".join(check["failures"]))
     top = max(max(d_fit), *targets.values())
     lo = min(d_fit) / 1.5
-    result["curves"] = {"loss": _curve(loss_fit, lo, top * 1.5),
-                        "lr": _curve(lr_fit, lo, top * 1.5)}
+    if joint:  # the law at every pilot token count (the plot); the sweep's is the CSV's
+        by_tokens = {n: _curve(lambda x, n=n: loss_fit.predict(x, n), lambda x: None,
+                               lo, top * 1.5) for n in result["tokens_grid"]}
+    else:
+        by_tokens = {cfg.n_tokens: _curve(loss_fit.predict, loss_fit.predict_ci, lo, top * 1.5)}
+    result["curves"] = {"loss": by_tokens[cfg.n_tokens], "loss_by_tokens": by_tokens,
+                        "lr": _curve(lr_fit.predict, lr_fit.predict_ci, lo, top * 1.5)}
     return result
 
 
 # --- outputs ---------------------------------------------------------------------------
 
 def _plot_fit(ax, curve: list[dict[str, float]], law: str) -> None:
-    """A fitted law and, where the bootstrap gave one, its 95% band."""
+    """A fitted law and, where the parametric bootstrap gave one, its 95% seed-noise band."""
     x = [p["d_sae"] for p in curve]
     ax.plot(x, [p["value"] for p in curve], color="C1", label="fit " + law)
     if all(math.isfinite(p["lo"]) for p in curve):
         ax.fill_between(x, [p["lo"] for p in curve], [p["hi"] for p in curve],
-                        color="C1", alpha=0.2, label="95% bootstrap band")
+                        color="C1", alpha=0.2, label="95% seed-noise band")
 
 
 def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
-    fig, ax = plots.new_figure("Held-out loss against SAE size", "d_sae", "loss",
-                               logx=True, logy=True)
+    """Pilots (grey), the best loss per width and token count, the law at each count, the
+    held-out width (measured, predicted with its interval and the error) and the
+    extrapolations with theirs; log-log."""
+    fig, ax = plots.new_figure("Held-out loss against SAE width", "d_sae (latents)",
+                               "held-out loss (training objective)", logx=True, logy=True)
+    sweep = result["pilot_tokens"]
     ok = [r for r in rows if math.isfinite(r["loss"])]
-    ax.scatter([r["d_sae"] for r in ok], [r["loss"] for r in ok], s=12, color="0.7",
-               label="pilots (all lrs)")
-    best = [e for e in result["per_size"] if math.isfinite(e["best_loss"])]
-    ax.scatter([e["d_sae"] for e in best], [e["best_loss"] for e in best], color="C0",
-               zorder=3, label="best lr per size")
-    if result["status"] == "ok":
-        _plot_fit(ax, result["curves"]["loss"], result["loss_fit"]["law"])
+    ax.scatter([r["d_sae"] for r in ok], [r["loss"] for r in ok], s=10, color="0.75",
+               label="pilots (every lr and seed)")
+    counts = result.get("tokens_grid") or [sweep]
+    color = {n: f"C{i}" for i, n in enumerate(counts)}
+    cells = best_cells(rows, sweep)
+    for n in counts:
+        ax.plot([d for d, nn, _ in cells if nn == n], [v for _, nn, v in cells if nn == n], "o",
+                color=color[n], zorder=3, label=f"best lr, {n:,} tokens")
+        curve = (result.get("curves") or {}).get("loss_by_tokens", {}).get(n)
+        if curve:
+            ax.plot([p["d_sae"] for p in curve], [p["value"] for p in curve], "-",
+                    color=color[n], alpha=0.7)
+            band = [p for p in curve if math.isfinite(p["lo"])]
+            if band:
+                ax.fill_between([p["d_sae"] for p in band], [p["lo"] for p in band],
+                                [p["hi"] for p in band], color=color[n], alpha=0.15)
+    if result["status"] != "degenerate":
+        law = result["loss_fit"]["law"]
+        ax.plot([], [], "-", color="0.3", label=f"fit: {law}")
+        h = _last_check(result["holdout"])
+        if h:
+            ci = h.get("measurement_interval") or h["predicted_loss_ci"]
+            yerr = None if ci is None else [[max(h["predicted_loss"] - ci[0], 0)],
+                                            [max(ci[1] - h["predicted_loss"], 0)]]
+            ax.errorbar([h["d_sae"]], [h["predicted_loss"]], yerr=yerr, fmt="x", color="C3",
+                        capsize=4, zorder=5,
+                        label=f"held-out d_sae={h['d_sae']} predicted (interval): error "
+                              f"{h['rel_error_pct']:+.1f}%, measured "
+                              f"{'inside' if h['trained_within_ci'] else 'OUTSIDE'}")
+            ax.scatter([h["d_sae"]], [h["trained_loss"]], marker="s", facecolor="none",
+                       edgecolor="C3", s=60, zorder=5, label="held-out d_sae measured")
         for i, (name, t) in enumerate(result["extrapolation"].items()):
-            color = f"C{4 + i}"
-            ax.scatter([t["d_sae"]], [t["loss"]], marker="*", s=100, color=color, zorder=4,
-                       label=f"extrapolated ({name}, d_sae={t['d_sae']})")
+            if t["loss"] is None:
+                continue
+            c = f"C{5 + i}"
+            ax.scatter([t["d_sae"]], [t["loss"]], marker="*", s=100, color=c, zorder=4,
+                       label=f"predicted {name}: d_sae={t['d_sae']}, {t['n_tokens']:.3g} tokens")
             if t["loss_ci"] is not None:
                 # A percentile interval need not contain the point estimate: draw it as is.
-                ax.vlines(t["d_sae"], *t["loss_ci"], color=color)
-        h = result["holdout"]
-        if h.get("status") == "ok" and "predicted_loss" in h:
-            ax.scatter([h["d_sae"]], [h["predicted_loss"]], marker="x", color="C3", zorder=4,
-                       label=f"held-out size predicted (gap {h['rel_gap']:+.1%})")
+                ax.vlines(t["d_sae"], *t["loss_ci"], color=c)
+        if result["status"] != "ok":
+            ax.text(0.02, 0.02, f"status: {result['status']} (see fit.json)",
+                    transform=ax.transAxes, color="C3")
     else:
         ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper right")
     plots.save(fig, path)
 
 
@@ -501,11 +798,15 @@ def _plot_lr_star(result: dict[str, Any], path: Path) -> None:
     found = [e for e in result["per_size"] if "lr_star" in e]
     ax.scatter([e["d_sae"] for e in found], [e["lr_star"] for e in found], color="C0",
                zorder=3, label="lr* (parabola)")
-    if result["status"] == "ok":
+    if result["status"] != "degenerate":
         _plot_fit(ax, result["curves"]["lr"], result["lr_fit"]["law"])
         for name, t in result["extrapolation"].items():
             ax.scatter([t["d_sae"]], [t["lr"]], marker="*", s=100, zorder=4,
-                       label=f"extrapolated ({name}): {t['lr']:.2e}")
+                       label=f"law at {name}: {t['lr']:.2e}")
+        rec = result["recommended"]
+        if rec["lr_source"] != "fit" and rec["lr"] is not None:
+            ax.scatter([rec["d_sae"]], [rec["lr"]], marker="D", color="C3", zorder=5,
+                       label=f"used: {rec['lr']:.2e} (FALLBACK, lr law failed its check)")
     else:
         ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
     ax.legend(fontsize=7)
@@ -550,22 +851,33 @@ def write_outputs(result: dict[str, Any], rows: Sequence[dict[str, Any]],
 
 
 def _summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"degenerate": int(result["status"] != "ok")}
+    """fit.json's headline numbers for MLflow (the stage run)."""
+    out: dict[str, Any] = {"degenerate": int(result["status"] == "degenerate"),
+                           "status_ok": int(result["status"] == "ok")}
     rec = result["recommended"]
     if rec["lr"] is not None:
         out["recommended_lr"] = rec["lr"]
-    if result["status"] == "ok":
-        out.update({f"loss_fit_{k}": v for k, v in result["loss_fit"]["coef"].items()})
-        out.update({f"lr_fit_{k}": v for k, v in result["lr_fit"]["coef"].items()})
-        for key in ("loss_fit", "lr_fit"):
-            if result[key]["r2"] is not None:
-                out[f"{key}_r2"] = result[key]["r2"]
-        for name, t in result["extrapolation"].items():
+        out["recommended_lr_from_law"] = int(rec["lr_source"] == "fit")
+    if result["status"] == "degenerate":
+        return out
+    out.update({f"loss_fit_{k}": v for k, v in result["loss_fit"]["coef"].items()})
+    out.update({f"lr_fit_{k}": v for k, v in result["lr_fit"]["coef"].items()})
+    for key in ("loss_fit", "lr_fit"):
+        if result[key]["r2"] is not None:
+            out[f"{key}_r2"] = result[key]["r2"]
+    for name, t in result["extrapolation"].items():
+        if t["loss"] is not None:
             out[f"predicted_loss_{name}"] = t["loss"]
-        h = result["holdout"]
-        checks = h.get("checks") or ([h] if "rel_gap" in h else [])
-        if checks:  # the largest size the fit did not see
-            out["holdout_rel_gap"] = checks[-1]["rel_gap"]
+        if t["loss_ci"] is not None:
+            out[f"predicted_loss_{name}_lo"], out[f"predicted_loss_{name}_hi"] = t["loss_ci"]
+    h = _last_check(result["holdout"])
+    if h:  # the largest size the fit did not see
+        out["holdout_rel_gap"] = h["rel_gap"]
+        out["holdout_rel_error_pct"] = h["rel_error_pct"]
+        if h["trained_within_ci"] is not None:
+            out["holdout_inside_interval"] = int(h["trained_within_ci"])
+        if h.get("lr_star_ratio") is not None:
+            out["holdout_lr_star_ratio"] = h["lr_star_ratio"]
     return out
 
 
@@ -573,11 +885,35 @@ def caveats(params: Params) -> list[str]:
     """What the recommended lr does not account for, in words, for fit.json."""
     s, sae = params.scaling, params.sae
     out = [f"lr* was measured on pilots of {s.n_tokens} tokens; the best lr of a longer run "
-           "is often lower (the fit has no token axis)"]
+           "is often lower (the token axis of the loss law runs at each size's swept lr*)"]
     if s.batch_size != sae.batch_size:
         out.append(f"pilots use batch {s.batch_size} but train_sae uses sae.batch_size = "
                    f"{sae.batch_size}; lr* depends on the batch size")
     return out
+
+
+def flag_batch(result: dict[str, Any], params: Params) -> None:
+    """Mark the loss predicted for train_sae when it trains at another batch than the
+    pilots: the law's token axis is tokens at the pilots' batch (on tiny, 1,048,576 tokens
+    at batch 4,096 measured 0.204 where the law said 0.137: the same tokens are 16x fewer
+    steps)."""
+    t = result.get("extrapolation", {}).get("train_sae")
+    if t is None:
+        return
+    pilot, final = params.scaling.batch_size, params.sae.batch_size
+    t["batch_matched"] = pilot == final
+    if pilot != final:
+        t["loss_note"] = (f"pilots ran at batch {pilot}, train_sae at {final}: the law's tokens "
+                          f"are tokens at batch {pilot}, so this loss is not train_sae's "
+                          "(same tokens, a different number of steps)")
+
+
+def lr_markdown(result: dict[str, Any]) -> str:
+    """budget.md's line on the learning rate train_sae will take, fallback or not."""
+    rec = result["recommended"]
+    lr = "none" if rec["lr"] is None else f"{rec['lr']:.3g}"
+    return (f"\n## Learning rate (reports/scaling/fit.json, status {result['status']})\n\n"
+            f"- d_sae {rec['d_sae']}: **{lr}** ({rec['lr_source']}): {rec['source']}\n")
 
 
 def _run(params: Params) -> None:
@@ -587,16 +923,24 @@ def _run(params: Params) -> None:
     rows = run_grid(params)
     result = fit_pilots(rows, params.scaling, d_sae=params.sae.d_sae,
                         n_tokens=int(budget["tokens"]), real_d_sae=params.budget.d_sae,
-                        seed=params.run.seed)
+                        train_tokens=params.sae.n_tokens, seed=params.run.seed)
     result["recommended"]["caveats"] = caveats(params)
+    flag_batch(result, params)
     written = write_outputs(result, rows)
+    atomic.write_text(paths.BUDGET_MD, budget_markdown(budget) + lr_markdown(result))
     log_metrics(_summary_metrics(result))
     for p in (*written.values(), paths.BUDGET_JSON, paths.BUDGET_MD):
         log_artifact(p, "scaling")
     rec = result["recommended"]
-    if result["status"] != "ok":
-        log.warning("scaling fit degenerate: %s", result["reason"])
-    log.info("recommended lr %s for d_sae=%d (%s)", rec["lr"], rec["d_sae"], rec["source"])
+    for problem in result["problems"]:
+        log.warning("scaling fit %s", problem)
+    h = _last_check(result.get("holdout", {}))
+    if h:
+        log.info("held-out d_sae=%d: predicted loss %.4g, measured %.4g (%+.1f%%), interval %s",
+                 h["d_sae"], h["predicted_loss"], h["trained_loss"], h["rel_error_pct"],
+                 h.get("measurement_interval") or h["predicted_loss_ci"])
+    log.info("recommended lr %s for d_sae=%d (%s: %s)", rec["lr"], rec["d_sae"],
+             rec["lr_source"], rec["source"])
 
 
 def main() -> None:

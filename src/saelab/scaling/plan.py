@@ -87,12 +87,15 @@ def make_plan(params: Params, *, gpu: str = "H100", root: Path = Path("."),
     warnings: list[str] = []
 
     # --- tokens and FLOPs per stage ---
-    pilot_flops = sum(12.0 * d_in * d for d in sc.d_sae_grid) * sc.n_tokens * \
-        len(sc.lr_grid) * sc.seeds
+    # The lr sweep, then each further token count at one lr per size (scaling.laws.run_grid).
+    counts = {n for n in sc.tokens_grid if n != sc.n_tokens}
+    pilot_tokens = sc.n_tokens * len(sc.lr_grid) + sum(counts)
+    sizes = set(sc.d_sae_grid)
+    pilot_flops = sum(12.0 * d_in * d for d in sizes) * pilot_tokens * sc.seeds
     stages = [
         {"stage": "extract_mlp8", "tokens": float(ex.n_tokens), "flops": fwd * ex.n_tokens},
-        {"stage": "fit_scaling_laws", "tokens": float(sc.n_tokens) * len(sc.d_sae_grid)
-         * len(sc.lr_grid) * sc.seeds, "flops": pilot_flops},
+        {"stage": "fit_scaling_laws", "tokens": float(pilot_tokens) * len(sizes) * sc.seeds,
+         "flops": pilot_flops},
         {"stage": "train_sae", "tokens": train_tokens,
          "flops": train_tokens * (step + (fwd if sae.stream else 0.0))},
     ]

@@ -6,6 +6,10 @@
   through the two points in log-log space (the seed's two-step method), said in the note.
 - `best_lr_parabola`: a parabola in log10(lr); its vertex is lr*.
 - `fit_lr_vs_size`: lr* = a N^b, least squares in log-log space.
+- `fit_joint`: L(N, D) = E + A N^-alpha + B D^-beta over width N and pilot tokens D
+  (Chinchilla's form, Hoffmann et al. 2022), least squares on ln L from the best point of
+  an (alpha, beta) grid whose E, A, B are non-negative least squares (so no fragile
+  guess). A >= 0: a width that does not help gives A = 0 (a flat law), never a rise.
 
 Both laws are fitted on the log of the value: pilot noise is roughly proportional to the
 loss, and on synthetic data with relative noise the log fit recovers b with ~30% less
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from scipy.optimize import least_squares, minimize_scalar
+from scipy.optimize import least_squares, minimize_scalar, nnls
 from scipy.stats import norm, t as student_t
 
 from ..core.errors import SaelabError
@@ -272,6 +276,108 @@ def _finish(fit: Fit, refit: Callable[[np.ndarray], Sequence[float]], n_params: 
     fit.ci = _ci(boot, list(fit.coef))
     name = "L" if fit.law == "loss" else "lr"
     fit.note = "; ".join(filter(None, [note, f"residuals and R^2 are in ln({name})", bnote]))
+    return fit
+
+
+@dataclass
+class JointFit:
+    """L(N, D) = E + A (N/n0)^-alpha + B (D/d0)^-beta; n0, d0 the geometric means of the
+    fitted widths and token counts (A and B stay of the order of the losses)."""
+
+    coef: dict[str, float]
+    n0: float
+    d0: float
+    points: list[list[float]]
+    residuals: list[float]
+    r2: float | None
+    note: str = ""
+
+    def predict(self, n, d):
+        c = self.coef
+        out = (c["E"] + c["A"] * (np.asarray(n, dtype=float) / self.n0) ** (-c["alpha"])
+               + c["B"] * (np.asarray(d, dtype=float) / self.d0) ** (-c["beta"]))
+        return float(out) if np.ndim(out) == 0 else out
+
+    def tokens_for(self, n: float, excess: float) -> float:
+        """Tokens at which the data term is `excess` (relative) of the loss at unlimited
+        data for width n; inf when the law has no data term to shrink."""
+        c = self.coef
+        floor = c["E"] + c["A"] * (n / self.n0) ** (-c["alpha"])
+        if c["B"] <= 0 or c["beta"] <= 0 or floor <= 0:
+            return math.inf
+        return float(self.d0 * (c["B"] / (excess * floor)) ** (1.0 / c["beta"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"law": "L = E + A * (N/n0)^-alpha + B * (D/d0)^-beta", "coef": self.coef,
+                "n0": self.n0, "d0": self.d0, "r2": self.r2, "points": self.points,
+                "residuals": self.residuals, "note": self.note}
+
+
+JOINT_PARAMS = 5
+_EXPONENTS = np.geomspace(0.02, 3.0, 28)
+
+
+def fit_joint(sizes: Sequence[float], tokens: Sequence[float], losses: Sequence[float], *,
+              start: JointFit | None = None) -> JointFit:
+    """L(N, D) = E + A (N/n0)^-alpha + B (D/d0)^-beta by least squares on ln L, with E, A,
+    B >= 0 and alpha, beta in [0.02, 3]. Needs more points than its 5 parameters, at >= 2
+    widths and >= 2 token counts. `start` (a fit of the same points' layout, e.g. for
+    bootstrap refits) replaces the grid search as the starting point."""
+    n = np.asarray(sizes, dtype=float).ravel()
+    d = np.asarray(tokens, dtype=float).ravel()
+    y = np.asarray(losses, dtype=float).ravel()
+    if not len(n) == len(d) == len(y):
+        raise FitError(f"{len(n)} widths, {len(d)} token counts and {len(y)} losses; pass "
+                       "one of each per point")
+    bad = [f"(d_sae={a:g}, tokens={b:g})" for a, b, v in zip(n, d, y) if not math.isfinite(v)]
+    if bad:
+        raise FitError(f"loss is NaN/inf at {', '.join(bad)}: those pilots diverged; lower "
+                       "the top of scaling.lr_grid or check the pilot logs")
+    if np.any(y <= 0) or np.any(n <= 0) or np.any(d <= 0):
+        raise FitError("widths, token counts and losses must be > 0 for L(N, D)")
+    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or len(y) <= JOINT_PARAMS:
+        raise FitError(f"L(N, D) has {JOINT_PARAMS} parameters and needs more points, at >= 2 "
+                       f"widths and >= 2 token counts; got {len(y)} points at widths "
+                       f"{sorted(set(n.tolist()))} and token counts {sorted(set(d.tolist()))}. "
+                       "Add sizes to scaling.d_sae_grid or counts to scaling.tokens_grid")
+    n0, d0 = float(np.exp(np.mean(np.log(n)))), float(np.exp(np.mean(np.log(d))))
+    u, v, ly = n / n0, d / d0, np.log(y)
+    best: tuple[float, Any] = (math.inf, None)
+    if start is not None and (start.n0, start.d0) == (n0, d0):
+        best = (math.inf, list(start.coef.values()))
+    for alpha in _EXPONENTS if best[1] is None else ():
+        for beta in _EXPONENTS:
+            design = np.stack([np.ones_like(u), u ** -alpha, v ** -beta], 1)
+            # Rows scaled by 1/L: least squares on relative error, close to the ln L fit.
+            w, _ = nnls(design / y[:, None], np.ones_like(y))
+            pred = design @ w
+            if np.all(pred > 0):
+                sse = float(np.sum((np.log(pred) - ly) ** 2))
+                if sse < best[0]:
+                    best = (sse, [w[0], w[1], alpha, w[2], beta])
+    if best[1] is None:
+        raise FitError("no L(N, D) with non-negative terms fits these losses")
+
+    def resid(p):
+        return np.log(p[0] + p[1] * u ** -p[2] + p[3] * v ** -p[4]) - ly
+
+    lo = [0.0, 0.0, _EXPONENTS[0], 0.0, _EXPONENTS[0]]
+    hi = [np.inf, np.inf, _EXPONENTS[-1], np.inf, _EXPONENTS[-1]]
+    x0 = np.clip(best[1], lo, hi)
+    x0[[0, 1, 3]] = np.maximum(x0[[0, 1, 3]], 1e-12)  # strictly positive for a finite log
+    res = least_squares(resid, x0=x0, bounds=(lo, hi), x_scale="jac")
+    p = res.x if np.sum(res.fun ** 2) <= best[0] else np.asarray(best[1])
+    coef = dict(zip(("E", "A", "alpha", "B", "beta"), (float(v) for v in p)))
+    fit = JointFit(coef, n0, d0, [[float(a), float(b), float(c)] for a, b, c in zip(n, d, y)],
+                   [], None)
+    r = ly - np.log(fit.predict(n, d))
+    fit.residuals = r.tolist()
+    fit.r2 = _r2(ly, ly - r, JOINT_PARAMS)
+    notes = ["residuals and R^2 are in ln(L)"]
+    if coef["A"] < 1e-9 * max(coef["E"], 1e-300):
+        notes.append("A = 0: loss does not fall with width over these pilots (alpha is then "
+                     "unidentified and irrelevant)")
+    fit.note = "; ".join(notes)
     return fit
 
 
