@@ -368,7 +368,10 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     assert report["status"] in ("ok", "lr_fallback", "holdout_outside_interval", "degenerate")
     if report["status"] != "degenerate":
         assert report["loss_fit"]["law"].startswith("L = E + A")  # L(N, D): tokens_grid set
-        assert report["extrapolation"]["budget"]["d_sae"] == 128
+        b = report["extrapolation"]["budget"]
+        assert b["d_sae"] == 128
+        # The store's d_in is not the budget's 2048 (another model): labelled, not logged.
+        assert store.d != 2048 and b["meaningful"] is False and "MEANINGLESS" in b["loss_note"]
         t = report["extrapolation"]["train_sae"]
         assert t["n_tokens"] == 2_100_000_000
         # Pilots at batch 256, train_sae at 4096: the law's tokens are not train_sae's.
@@ -392,6 +395,7 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     nested = runs[runs["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]]
     assert len(nested) == 30
     assert {"metrics.degenerate", "metrics.status_ok"} <= set(parents.columns)
+    assert "metrics.predicted_loss_budget" not in parents.columns
 
 
 def test_pilots_ignore_the_train_only_keys(tmp_path):

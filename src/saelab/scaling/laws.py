@@ -763,7 +763,8 @@ def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
                 continue
             c = f"C{5 + i}"
             ax.scatter([t["d_sae"]], [t["loss"]], marker="*", s=100, color=c, zorder=4,
-                       label=f"predicted {name}: d_sae={t['d_sae']}, {t['n_tokens']:.3g} tokens")
+                       label=f"predicted {name}: d_sae={t['d_sae']}, {t['n_tokens']:.3g} tokens"
+                             + _meaningless(t))
             if t["loss_ci"] is not None:
                 # A percentile interval need not contain the point estimate: draw it as is.
                 ax.vlines(t["d_sae"], *t["loss_ci"], color=c)
@@ -774,6 +775,11 @@ def _plot_loss(result: dict[str, Any], rows, path: Path) -> None:
         ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
     ax.legend(fontsize=6, loc="upper right")
     plots.save(fig, path)
+
+
+def _meaningless(t: dict[str, Any]) -> str:
+    """The label suffix of an extrapolation flag_transfer marked as another model's."""
+    return " (MEANINGLESS: another model's d_in)" if t.get("meaningful") is False else ""
 
 
 def _plot_lr_curves(result: dict[str, Any], path: Path) -> None:
@@ -802,7 +808,7 @@ def _plot_lr_star(result: dict[str, Any], path: Path) -> None:
         _plot_fit(ax, result["curves"]["lr"], result["lr_fit"]["law"])
         for name, t in result["extrapolation"].items():
             ax.scatter([t["d_sae"]], [t["lr"]], marker="*", s=100, zorder=4,
-                       label=f"law at {name}: {t['lr']:.2e}")
+                       label=f"law at {name}: {t['lr']:.2e}" + _meaningless(t))
         rec = result["recommended"]
         if rec["lr_source"] != "fit" and rec["lr"] is not None:
             ax.scatter([rec["d_sae"]], [rec["lr"]], marker="D", color="C3", zorder=5,
@@ -866,6 +872,8 @@ def _summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
         if result[key]["r2"] is not None:
             out[f"{key}_r2"] = result[key]["r2"]
     for name, t in result["extrapolation"].items():
+        if t.get("meaningful") is False:  # kept in fit.json with its note, never logged plainly
+            continue
         if t["loss"] is not None:
             out[f"predicted_loss_{name}"] = t["loss"]
         if t["loss_ci"] is not None:
@@ -908,6 +916,21 @@ def flag_batch(result: dict[str, Any], params: Params) -> None:
                           "(same tokens, a different number of steps)")
 
 
+def flag_transfer(result: dict[str, Any], store_d_in: int, budget_d_in: int) -> None:
+    """Mark the extrapolation to the budget's SAE when the pilots read another model's
+    activations (tiny's d_in 64, smollm2's 576, against the 1B's 2048): a loss or lr law
+    fitted on one model's activations says nothing about another's, so the number is
+    kept for the record but labelled meaningless wherever it is shown."""
+    t = result.get("extrapolation", {}).get("budget")
+    if t is None:
+        return
+    t["meaningful"] = store_d_in == budget_d_in
+    if store_d_in != budget_d_in:
+        t["loss_note"] = (f"MEANINGLESS here: the pilots ran on d_in={store_d_in} activations "
+                          f"and the budget's SAE reads d_in={budget_d_in} (another model); a "
+                          "law does not transfer across models")
+
+
 def lr_markdown(result: dict[str, Any]) -> str:
     """budget.md's line on the learning rate train_sae will take, fallback or not."""
     rec = result["recommended"]
@@ -919,13 +942,15 @@ def lr_markdown(result: dict[str, Any]) -> str:
 def _run(params: Params) -> None:
     budget = write_budget(params)
     # A missing, unfinished or damaged store fails here, once, before any pilot trains.
-    ActivationStore(paths.ACTIVATIONS_DIR).check()
+    store = ActivationStore(paths.ACTIVATIONS_DIR)
+    store.check()
     rows = run_grid(params)
     result = fit_pilots(rows, params.scaling, d_sae=params.sae.d_sae,
                         n_tokens=int(budget["tokens"]), real_d_sae=params.budget.d_sae,
                         train_tokens=params.sae.n_tokens, seed=params.run.seed)
     result["recommended"]["caveats"] = caveats(params)
     flag_batch(result, params)
+    flag_transfer(result, store.d, params.budget.d_in)
     written = write_outputs(result, rows)
     atomic.write_text(paths.BUDGET_MD, budget_markdown(budget) + lr_markdown(result))
     log_metrics(_summary_metrics(result))
