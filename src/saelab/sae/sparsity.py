@@ -40,9 +40,9 @@ overshot to 84 and ended at 72 (+12.5%).
 
 What training cannot settle, `calibrate` settles after the last step: see there.
 
-The state (u, log L0 of the first batch, error, the MSE's average) is a float64 tensor on the training device, so
-control needs no host sync, is checkpointed with the rest of the running state, and a
-resumed run continues bit for bit.
+The state (u, log L0 of the first batch, error, the MSE's average) is a float64 tensor
+on the training device, so control needs no host sync, is checkpointed with the rest of
+the running state, and a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
