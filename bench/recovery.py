@@ -229,17 +229,24 @@ def main() -> None:
     print(f"setting: d_in={args.d_in} atoms={args.atoms} E[L0]={args.expected_l0} "
           f"noise={args.noise} d_sae={args.d_sae} batch={args.batch} steps={args.steps} "
           f"tokens={args.batch * args.steps} l0_coeff={args.l0_coeff} k={args.k} seeds={seeds}")
-    print(f"{'trainer':32s} {'lr':>7s} {'recovered':>9s} {'min':>6s} {'frequent':>8s} "
-          f"{'middle':>6s} {'rare':>6s} {'L0':>6s} {'FVU':>7s} {'dead':>6s} {'seconds':>8s}")
+    print("(mean over seeds; with several seeds, +-: their standard deviation)")
+    print(f"{'trainer':32s} {'lr':>7s} {'recovered':>11s} {'min':>6s} {'frequent':>11s} "
+          f"{'middle':>11s} {'rare':>11s} {'L0':>6s} {'FVU':>7s} {'dead':>6s} {'seconds':>8s}")
     gen = PowerLawDictionary if args.generator == "powerlaw" else KnownDictionary
     datasets = [gen(args.d_in, args.atoms, args.expected_l0, args.noise, s) for s in seeds]
     best: dict[str, tuple[float, float]] = {}
     for lr, (name, run) in itertools.product(lrs, runs.items()):
         rs = [run(d, lr) for d in datasets]
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
+        sd = {k: math.sqrt(sum((r[k] - mean[k]) ** 2 for r in rs) / max(len(rs) - 1, 1))
+              for k in rs[0]}
         worst = min(r["recovered"] for r in rs)
-        print(f"{name:32s} {lr:7.0e} {mean['recovered']:9.3f} {worst:6.3f} {mean['t1']:8.3f} "
-              f"{mean['t2']:6.3f} {mean['t3']:6.3f} {mean['l0']:6.2f} {mean['fvu']:7.4f} "
+
+        def pm(k: str) -> str:
+            return f"{mean[k]:.3f}" + (f"+-{sd[k]:.3f}" if len(rs) > 1 else "      ")
+
+        print(f"{name:32s} {lr:7.0e} {pm('recovered'):>11s} {worst:6.3f} {pm('t1'):>11s} "
+              f"{pm('t2'):>11s} {pm('t3'):>11s} {mean['l0']:6.2f} {mean['fvu']:7.4f} "
               f"{mean['dead']:6.3f} {mean['seconds']:8.1f}", flush=True)
         if mean["recovered"] > best.get(name, (-1.0, 0.0))[0]:
             best[name] = (mean["recovered"], lr)

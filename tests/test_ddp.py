@@ -13,9 +13,13 @@ GLOBAL_BATCH, D_IN, STEPS = 64, 16, 25
 
 
 def cfg(arch: str) -> SAECfg:
-    return dataclasses.replace(SAECfg(), architecture=arch, d_sae=48, batch_size=GLOBAL_BATCH,
+    # "target_l0": JumpReLU under the L0 controller, whose state and final threshold
+    # calibration must come out the same from the global L0 and MSE on every rank.
+    sparsity = dict(architecture="jumprelu", sparsity="target_l0", target_l0=4.0) \
+        if arch == "target_l0" else dict(architecture=arch)
+    return dataclasses.replace(SAECfg(), d_sae=48, batch_size=GLOBAL_BATCH,
                                k=4, lr_warmup_steps=5, l0_warmup_steps=10, log_every=5,
-                               theta_param="raw", l0_coeff=0.02)
+                               theta_param="raw", l0_coeff=0.02, **sparsity)
 
 
 def global_batches(rank: int = 0, world: int = 1):
@@ -46,7 +50,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, arch: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "target_l0"])
 def test_two_gloo_processes_match_one(tmp_path, arch):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt"), arch),
              nprocs=2, join=True)

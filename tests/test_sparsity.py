@@ -59,15 +59,37 @@ def test_a_miss_is_reported_and_warned(caplog):
 def test_lambda_rises_above_the_ceiling_and_falls_below_the_target():
     c = L0Controller(SAECfg(sparsity="target_l0", target_l0=10.0, l0_warmup_steps=100))
     st = L0Controller.fresh_state(torch.device("cpu"))
-    c.update(st, 0, torch.tensor(100.0))  # the first batch sets the ceiling's start
+    mse = torch.tensor(0.1)
+    c.update(st, 0, torch.tensor(100.0), mse)  # the first batch sets the ceiling's start
     u0, lam0 = float(st[0]), float(c.lam(st))
-    c.update(st, 1, torch.tensor(50.0))  # below the falling ceiling, above L0*: on target
+    c.update(st, 1, torch.tensor(50.0), mse)  # below the falling ceiling, above L0*: on target
     assert float(st[0]) == u0 and float(c.lam(st)) <= lam0
-    c.update(st, 2, torch.tensor(200.0))
+    c.update(st, 2, torch.tensor(200.0), mse)
     assert float(st[0]) > u0 and float(c.lam(st)) > lam0
     st = L0Controller.fresh_state(torch.device("cpu"))
-    c.update(st, 0, torch.tensor(5.0))
+    c.update(st, 0, torch.tensor(5.0), mse)
     assert float(c.lam(st)) < SAECfg().l0_coeff
+
+
+def test_lambda_does_not_wind_down_below_where_it_acts():
+    # An L0 held under the target whatever lambda does (the encoder still learning): the
+    # integral stops at SLOPE_MIN x MSE / L0*, and follows that floor as the MSE falls.
+    from saelab.sae.sparsity import SLOPE_MIN
+
+    cfg = SAECfg(sparsity="target_l0", target_l0=64.0, l0_coeff=4e-3, l0_warmup_steps=0)
+    c = L0Controller(cfg)
+    st = L0Controller.fresh_state(torch.device("cpu"))
+    for s in range(2000):
+        c.update(st, s, torch.tensor(22.0), torch.tensor(0.4))
+    assert float(c.lam(st)) == pytest.approx(SLOPE_MIN * 0.4 / 64, rel=1e-3)
+    for s in range(2000, 2100):
+        c.update(st, s, torch.tensor(22.0), torch.tensor(0.004))
+    assert float(c.lam(st)) == pytest.approx(SLOPE_MIN * 0.004 / 64, rel=1e-2)
+    # Once the L0 passes the target, lambda climbs from the floor, not from e^-9 below it.
+    before = float(c.lam(st))
+    for s in range(2100, 2150):
+        c.update(st, s, torch.tensor(80.0), torch.tensor(0.004))
+    assert float(c.lam(st)) > 2 * before
 
 
 def test_target_l0_needs_a_starting_lambda():
@@ -88,3 +110,39 @@ def test_density_histogram_counts_every_latent_that_fired(tmp_path):
     assert floor - 0.25 < rows[0]["log10_freq"] <= floor and rows[-1]["log10_freq"] < 0
     png, csv = write_density(d, 1024, tmp_path / "density.png", "t")
     assert png.stat().st_size > 0 and csv.read_text().startswith("log10_freq,latents")
+
+
+def test_calibration_puts_the_last_batches_l0_on_the_target():
+    # After the last step one factor on every threshold (within [1/2, 2]) brings the L0 of
+    # the last training batches to L0*: exactly on them, within sampling on held-out data.
+    from saelab.sae.autoencoder import SAE
+    from saelab.sae.sparsity import calibrate
+
+    cfg = SAECfg(architecture="jumprelu", sparsity="target_l0", target_l0=6.0, d_sae=128)
+    torch.manual_seed(0)
+    sae = SAE(D, 128, cfg)
+    _, batches = synthetic(d=D, n_atoms=ATOMS)
+    it = batches(1024)
+    last = [next(it) for _ in range(4)]
+    with torch.no_grad():  # thresholds firing ~8 latents a token, with some spread
+        t0 = sae.pre_acts(torch.cat(last)).flatten().quantile(1 - 8 / 128)
+        sae.raw_threshold.copy_(t0 * torch.empty(128).uniform_(0.8, 1.2))
+
+    def l0(xs):
+        return float(torch.cat([(sae.encode(x) > 0).float().sum(-1) for x in xs]).mean())
+
+    before, theta = l0(last), sae.threshold.clone()
+    factor = calibrate(sae, last)
+    assert 0.5 <= factor <= 2.0 and factor != 1.0
+    assert torch.allclose(sae.threshold, theta * factor)
+    assert l0(last) == pytest.approx(6.0, rel=0.01), before
+    assert l0([next(it) for _ in range(4)]) == pytest.approx(6.0, rel=0.05)
+    sae.raw_threshold.data.fill_(100.0)  # out of reach: the factor stops at its bound
+    assert calibrate(sae, last) == pytest.approx(0.5)
+
+
+def test_batchtopk_heldout_l0_is_k():
+    # BatchTopK's inference threshold is set from the last batches, not left at the lagging
+    # running average (+20-25% L0 over k on smollm2-135m after 192 steps).
+    res = run(architecture="batchtopk", k=6, steps=100)
+    assert abs(res.metrics["l0"] / 6 - 1) < 0.05, res.metrics["l0"]

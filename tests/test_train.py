@@ -128,7 +128,9 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+# batchtopk: its threshold is calibrated on the last batches after the last step; a run
+# resumed inside them reads them again.
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, arch):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(src=os.path.abspath(REPO_SRC),

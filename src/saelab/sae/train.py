@@ -13,6 +13,7 @@ batch and DistributedDataParallel averages the gradients.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -35,7 +36,8 @@ from ..activations.hooks import saelens_hook_name
 from .evals import reconstruction_stats
 from .autoencoder import SAE, auxk_decode, jumprelu_with_l0, topk_decode
 from .schedules import l0_factor, lr_factor
-from .sparsity import L0Controller, l0_miss, l0_target
+from .sparsity import CALIBRATION_TOKENS, L0Controller, calibrate, l0_miss, l0_target, \
+    needs_calibration
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,9 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     controller = L0Controller(cfg) if cfg.architecture == "jumprelu" and \
         cfg.sparsity == "target_l0" else None
     gnorm = torch.zeros((), device=device)
+    # The last training batches, for `calibrate` after the last step.
+    n_cal = math.ceil(CALIBRATION_TOKENS / local_bs) if needs_calibration(cfg) else 0
+    recent: collections.deque[torch.Tensor] = collections.deque(maxlen=min(n_cal, total_steps))
 
     from ..core.progress import Progress
 
@@ -185,6 +190,8 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         if x.shape != (local_bs, d_in):
             raise SaelabError(f"batch of shape {tuple(x.shape)}; expected ({local_bs}, {d_in})")
         x = x.to(device, torch.float32, non_blocking=True)
+        if recent.maxlen and s >= total_steps - recent.maxlen:
+            recent.append(x.clone())  # a copy: a source may reuse its buffers
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(s, total_steps, cfg)
         lam = controller.lam(st["l0_control"]) if controller else \
@@ -194,7 +201,7 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
             loss, recon, fired, f = objective(x, lam, st["dead"], st["n_dead"] if use_aux else 0)
         gnorm = _apply_gradients(sae, opt, loss, params, f, gnorm, world)
         if controller:
-            controller.update(st["l0_control"], s, _global_l0(fired, len(x), world))
+            controller.update(st["l0_control"], s, *_global_l0_mse(fired, recon, len(x), world))
         with torch.no_grad():
             _record_step(st, s, x, loss, recon, fired, gnorm)
         st["step"] = s + 1
@@ -221,9 +228,18 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
     _check_finite(st, total_steps, checkpoint_dir)
 
     sae.eval()
+    factor = None
+    if recent.maxlen:
+        if len(recent) < recent.maxlen and callable(batches):
+            # Resumed inside the last steps: read their batches again (same data, same order).
+            again = itertools.islice(batches(total_steps - recent.maxlen), recent.maxlen)
+            recent = collections.deque(x.to(device, torch.float32) for x in again)
+        factor = calibrate(sae, list(recent), world)
     metrics, density = _final_metrics(
         sae, st, total_steps=total_steps, steps_run=steps_run, elapsed=elapsed,
         eval_batches=eval_batches, n_eval=eval_n_batches or max(1, cfg.eval_tokens // local_bs))
+    if factor is not None and cfg.architecture == "jumprelu":
+        metrics["threshold_factor"] = factor
     return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]), density=density)
 
 
@@ -247,13 +263,14 @@ def _fresh_state(d_sae: int, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _global_l0(fired: torch.Tensor, n_rows: int, world: int) -> torch.Tensor:
-    """The step's L0 over all ranks (every rank's controller must see the same one)."""
-    l0 = fired.sum().double() / n_rows
+def _global_l0_mse(fired: torch.Tensor, recon: torch.Tensor, n_rows: int,
+                   world: int) -> torch.Tensor:
+    """The step's L0 and MSE over all ranks (every rank's controller must see the same)."""
+    both = torch.stack([fired.sum().double() / n_rows, recon.double()])
     if world > 1:
-        dist.all_reduce(l0)
-        l0 /= world
-    return l0
+        dist.all_reduce(both)
+        both /= world
+    return both[0], both[1]
 
 
 def _find_checkpoint(checkpoint_dir: Path | None, fp: str, rank: int,
