@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saelab.core.config import ConfigError, SAECfg, parse_params
-from saelab.sae.sparsity import L0Controller
+from saelab.sae.sparsity import L0Controller, l0_miss
 from saelab.sae.train import train
 from test_train import synthetic
 
@@ -54,6 +54,26 @@ def test_a_miss_is_reported_and_warned(caplog):
         m = run(sparsity="target_l0", target_l0=2.0, steps=5).metrics
     assert m["l0_rel_error"] > 0.10
     assert "misses its target 2" in caplog.text
+
+
+def test_the_warning_names_the_fix_of_its_direction(caplog):
+    with caplog.at_level(logging.WARNING, logger="saelab.sae.sparsity"):
+        l0_miss(14.0, 10.0, 1e-3)  # too dense: more pressure or more steps
+        l0_miss(7.0, 10.0, 1e-3, at_floor=False)  # too sparse, lambda still acting
+        l0_miss(7.0, 10.0, 1e-9, at_floor=True)  # too sparse with no pressure at all
+    dense, sparse, floor = caplog.messages
+    assert "train longer" in dense and "train longer" in sparse
+    assert "floor" in floor and "lower sae.target_l0" in floor and "train longer" not in floor
+
+
+def test_at_floor_says_whether_lambda_is_held_at_its_floor():
+    c = L0Controller(SAECfg(sparsity="target_l0", target_l0=10.0, l0_warmup_steps=0))
+    st = L0Controller.fresh_state(torch.device("cpu"))
+    st[3] = 0.1  # the MSE average the floor is built from
+    st[0] = c.floor(st)
+    assert c.at_floor(st)
+    st[0] += 0.5
+    assert not c.at_floor(st)
 
 
 def test_lambda_rises_above_the_ceiling_and_falls_below_the_target():

@@ -128,6 +128,10 @@ class L0Controller:
         state[0] = u.clamp(-U_MAX, U_MAX)
         state[2] = err
 
+    def at_floor(self, state: torch.Tensor) -> bool:
+        """Whether lambda is held at its anti-windup floor (one host sync: call at the end)."""
+        return bool(state[0] <= self.floor(state) + 1e-9)
+
 
 def l0_target(cfg: SAECfg) -> float | None:
     """The L0 a configuration asks for: k for TopK/BatchTopK, L0* for JumpReLU under a
@@ -141,17 +145,27 @@ def l0_target(cfg: SAECfg) -> float | None:
 L0_TOLERANCE = 0.10
 
 
-def l0_miss(l0: float, target: float | None, final_lambda: float | None) -> dict:
+def l0_miss(l0: float, target: float | None, final_lambda: float | None,
+            at_floor: bool = False) -> dict:
     """The target, the relative distance to it and the last lambda, as metrics; warns when
-    the L0 (held-out when there was an evaluation set) misses the target by > 10%."""
+    the L0 (held-out when there was an evaluation set) misses the target by > 10%, with the
+    fix that fits the direction of the miss."""
     if target is None or not math.isfinite(l0):
         return {}
     rel = (l0 - target) / target
     if abs(rel) > L0_TOLERANCE:
-        log.warning("L0 %.2f misses its target %g by %+.0f%% (more than %.0f%%): train longer "
-                    "(sae.n_tokens), or for target_l0 start sae.l0_coeff nearer the lambda "
-                    "it needs (this run ended at %s)", l0, target, 100 * rel,
-                    100 * L0_TOLERANCE, "n/a" if final_lambda is None else f"{final_lambda:.3g}")
+        if rel < 0 and at_floor:
+            # The L0 term trains thresholds only: with lambda at its floor the thresholds
+            # sit near 0 and the SAE is a ReLU one, whose L0 no lambda can raise.
+            fix = ("lambda ended at its floor, so this SAE fires on fewer latents than the "
+                   "target with no sparsity pressure at all: the target is denser than "
+                   "reconstruction needs here; lower sae.target_l0 (or use topk, which fixes k)")
+        else:
+            fix = ("train longer (sae.n_tokens), or start sae.l0_coeff nearer the lambda it "
+                   "needs (this run ended at "
+                   + ("n/a" if final_lambda is None else f"{final_lambda:.3g}") + ")")
+        log.warning("L0 %.2f misses its target %g by %+.0f%% (more than %.0f%%): %s", l0,
+                    target, 100 * rel, 100 * L0_TOLERANCE, fix)
     out = {"l0_target": target, "l0_rel_error": rel}
     if final_lambda is not None:
         out["final_lambda"] = final_lambda

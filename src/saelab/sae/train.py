@@ -237,7 +237,8 @@ def train(cfg: SAECfg, batches: Batches, *, d_in: int, n_tokens: int, lr: float,
         factor = calibrate(sae, list(recent), world)
     metrics, density = _final_metrics(
         sae, st, total_steps=total_steps, steps_run=steps_run, elapsed=elapsed,
-        eval_batches=eval_batches, n_eval=eval_n_batches or max(1, cfg.eval_tokens // local_bs))
+        eval_batches=eval_batches, n_eval=eval_n_batches or max(1, cfg.eval_tokens // local_bs),
+        lambda_at_floor=bool(controller and controller.at_floor(st["l0_control"])))
     if factor is not None and cfg.architecture == "jumprelu":
         metrics["threshold_factor"] = factor
     return TrainResult(sae=sae, metrics=metrics, history=list(st["history"]), density=density)
@@ -380,7 +381,8 @@ def _close_window(st: dict[str, Any], cfg: SAECfg, *, step: int, d_in: int, worl
 
 def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run: int,
                    elapsed: float, eval_batches: Iterator[torch.Tensor] | None,
-                   n_eval: int) -> tuple[dict[str, Any], torch.Tensor | None]:
+                   n_eval: int, lambda_at_floor: bool = False,
+                   ) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Throughput and the last window's figures; reconstruction (and the firing density per
     latent) on `eval_batches` if given; threshold quantiles for the architectures that have
     thresholds; the L0 target and its miss."""
@@ -401,7 +403,7 @@ def _final_metrics(sae: SAE, st: dict[str, Any], *, total_steps: int, steps_run:
         metrics.update({k: last_row.get(k, math.nan) for k in
                         ("mse", "fvu", "l0", "frac_active_gt_1pct", "frac_active_gt_10pct")})
     metrics.update(l0_miss(metrics["l0"], l0_target(cfg), last_row.get("lambda")
-                           if cfg.architecture == "jumprelu" else None))
+                           if cfg.architecture == "jumprelu" else None, lambda_at_floor))
     if cfg.architecture != "topk":
         theta = sae.threshold.detach().float().cpu()
         for q in THETA_QUANTILES:
