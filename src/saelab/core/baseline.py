@@ -28,7 +28,8 @@ def tracked_outputs(root: Path) -> list[str]:
     with Repo(str(root)) as repo:
         stale = repo.status()
         if stale:
-            raise SaelabError(f"the pipeline is not up to date ({', '.join(sorted(stale))}); "
+            names = sorted(name.rsplit(":", 1)[-1] for name in stale)  # path/dvc.yaml:stage
+            raise SaelabError(f"the pipeline is not up to date ({', '.join(names)}); "
                               "run `dvc repro` first")
         outs = [o for stage in repo.index.stages for o in stage.outs]
     rels = ["dvc.lock", *(o.def_path for o in outs if not o.use_cache)]

@@ -72,8 +72,22 @@ def compose_conf(root: Path = Path(".")) -> dict[str, Any] | None:
         return yaml.safe_load(out.read_text(encoding="utf-8"))
 
 
+def _value(v: Any) -> Any:
+    """A number written as a string (YAML 1.1 reads dvc.lock's `1e-08` so) as the number."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _value(v) for k, v in flatten(d).items()}
+
+
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = _flat(a), _flat(b)
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
             if fa.get(k) != fb.get(k)}
 
@@ -87,7 +101,7 @@ def _locked_params(root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for stage in (lock.get("stages") or {}).values():
         for key, value in ((stage.get("params") or {}).get("params.yaml") or {}).items():
-            out.update(flatten(value, key) if isinstance(value, dict) else {key: value})
+            out.update(_flat({key: value}))
     return out
 
 
@@ -112,7 +126,7 @@ def check_overrides(params_path: Path = Path("params.yaml"), root: Path = Path("
                 "writing it into conf/, or drop it; then run `saelab params` to regenerate "
                 "params.yaml")
         return []
-    flat_conf, flat_now = flatten(conf), flatten(current)
+    flat_conf, flat_now = _flat(conf), _flat(current)
     dropped = {k: v for k, v in _locked_params(root).items()
                if k in flat_conf and v != flat_conf[k] and flat_now.get(k) == flat_conf[k]}
     if dropped:
