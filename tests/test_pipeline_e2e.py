@@ -221,3 +221,17 @@ def test_real_model_pipeline_measures_a_language_model(real_pipeline):
     assert lo <= m["delta_lm_loss"] <= hi
     assert 0 < m["fvu"] < 1 and m["l0"] > 0
     assert (real_pipeline / "reports/interpret/index.html").is_file()
+
+
+def test_a_missing_api_key_stops_the_first_stage_in_seconds(tmp_path):
+    # The case: `-S interpret.backend=openai` without a key used to train for
+    # minutes before interpret said so. Now fetch_model, the first stage, refuses.
+    dst = _repo_copy(tmp_path / "repo")
+    env = {k: v for k, v in _env().items() if k != "OPENAI_API_KEY"}
+    out = subprocess.run(["dvc", "exp", "run", "-S", "interpret.backend=openai"], cwd=dst,
+                         env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-3000:]
+    assert "fetch_model failed: interpret needs an API key in the OPENAI_API_KEY" in text, text[-3000:]
+    assert "Running stage 'fetch_oscar'" not in text
+    assert not (dst / "models/base/config.json").exists()
