@@ -1,5 +1,5 @@
 """The override rule and the preconditions every stage checks, for itself and the stages
-after it, before any work (core.preflight)."""
+after it, before any work (saelab.preflight, called first by stages/*.py)."""
 import dataclasses
 import logging
 import shutil
@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from saelab.core import preflight
+from saelab import preflight
 from saelab.core.config import load_params
 from saelab.core.errors import SaelabError
-from saelab.core.stage import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,14 +106,20 @@ def test_too_little_disk_for_the_store_stops_the_stages_before_it(monkeypatch, t
     preflight.preconditions(params, "fit_scaling_laws", tmp_path)
 
 
-def test_a_stage_stops_before_its_work_and_its_mlflow_run(tmp_path, monkeypatch):
+def test_every_stage_entry_point_checks_first():
+    for stage in preflight.STAGES:
+        code = (REPO / "stages" / f"{stage}.py").read_text()
+        main = code[code.index('if __name__ == "__main__":'):]
+        assert main.splitlines()[1].strip() == f'preflight.main("{stage}")', stage
+
+
+def test_a_failed_check_exits_2_before_the_stage(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.setenv("SAELAB_TRACKING", "off")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["interpret"]["backend"] = "openai"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    ran = []
     with pytest.raises(SystemExit) as stop:
-        run_stage("fetch_model", ran.append)
-    assert stop.value.code == 2 and ran == []
+        preflight.main("fetch_model")
+    assert stop.value.code == 2
+    assert "fetch_model failed: interpret needs an API key" in caplog.text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .core.config import ConfigError, load_params
 from .core.errors import SaelabError
-from .core.preflight import STAGES as PIPELINE_STAGES
+from .preflight import STAGES as PIPELINE_STAGES
 
 
 def compose_params(overrides: list[str] | None = None, root: Path = Path("."),
@@ -114,7 +114,7 @@ def _cmd_baseline(args) -> int:
 
 
 def _cmd_preflight(args) -> int:
-    from .core.preflight import preflight
+    from .preflight import preflight
 
     preflight(load_params(args.params), args.stage, Path(args.params))
     later = PIPELINE_STAGES[PIPELINE_STAGES.index(args.stage):]

@@ -6,13 +6,11 @@ import errno
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
 from . import metrics
 from .config import ConfigError, Params, load_params
 from .errors import SaelabError
-from .preflight import preflight
 from .runtime import setup_logging, setup_threads
 from .tracking import stage_run
 
@@ -25,8 +23,6 @@ def run_stage(stage: str, body: Callable[[Params], None], params_path: str = "pa
     try:
         params = load_params(params_path)
         setup_threads(params)
-        # Before any work: this stage's and later stages' preconditions, the override rule.
-        preflight(params, stage, Path(params_path))
         # Under torchrun only rank 0 records the run; the others just compute.
         rank0 = int(os.environ.get("RANK", "0")) == 0
         with stage_run(stage, params) if rank0 else contextlib.nullcontext():

@@ -1,4 +1,4 @@
-"""Checks every stage makes before its own work, for itself and the stages after it, so a
+"""Checks every stage entry point (stages/*.py) makes before the stage's own work, for itself and the stages after it, so a
 sweep stops in seconds, not after hours of extraction and training:
 
 - preconditions: the OpenAI key interpret will need, the Hub token the model or corpus
@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import paths
-from .config import Params, flatten
-from .errors import SaelabError
+from .core import paths
+from .core.config import ConfigError, Params, flatten, load_params
+from .core.errors import SaelabError
+from .core.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,8 @@ def _from(stage: str) -> tuple[str, ...]:
 
 def preconditions(params: Params, stage: str = STAGES[0], root: Path = Path(".")) -> None:
     """Raise SaelabError for the first unmet precondition of `stage` or a later stage."""
-    from ..activations.store import check_disk, estimate_bytes
-    from .hub_access import model_token, oscar_token
+    from .activations.store import check_disk, estimate_bytes
+    from .core.hub_access import model_token, oscar_token
 
     later = _from(stage)
     if "fetch_model" in later:
@@ -52,7 +54,7 @@ def preconditions(params: Params, stage: str = STAGES[0], root: Path = Path(".")
                    estimate_bytes(ex.n_tokens, params.model.hidden_size, ex.store_dtype,
                                   ex.context_len))
     if "interpret" in later:
-        from ..interpret.stage import preconditions as interpret_preconditions
+        from .interpret.stage import preconditions as interpret_preconditions
 
         interpret_preconditions(params.interpret)
 
@@ -62,7 +64,7 @@ def compose_conf(root: Path = Path(".")) -> dict[str, Any] | None:
     if not (root / "conf" / "config.yaml").is_file():
         return None
     try:
-        from ..cli import compose_params
+        from .cli import compose_params
         import dvc.utils.hydra  # noqa: F401  (compose_params needs it)
     except ImportError as e:  # a GPU image without DVC runs stages by hand (bench/gpu.py)
         log.warning("conf/ cannot be composed here (%s): the override rule is not checked", e)
@@ -149,3 +151,14 @@ def preflight(params: Params, stage: str, params_path: Path = Path("params.yaml"
         return
     check_overrides(params_path, root)
     preconditions(params, stage, root)
+
+
+def main(stage: str, params_path: str = "params.yaml") -> None:
+    """What stages/*.py call first: an unmet check exits 2 with one ERROR line, as the
+    stage itself would (core.stage.run_stage), before the stage imports its own work."""
+    setup_logging()
+    try:
+        preflight(load_params(params_path), stage, Path(params_path))
+    except (ConfigError, SaelabError) as e:
+        log.error("%s failed: %s", stage, e)
+        sys.exit(2)
