@@ -39,7 +39,7 @@ def _tokenizer():
 
 def preconditions(cfg: InterpretCfg):
     """The explainer, once its model is known and not retired and, for an API backend, the
-    key and endpoint are usable; also checked by core.preflight before the first stage."""
+    key and endpoint are usable; saelab.preflight checks it before the first stage too."""
     llm = explainer(cfg)
     if cfg.backend != "none":
         api_key()
