@@ -32,8 +32,11 @@ $(DEV): $(STAMP) requirements-dev.lock
 
 install: $(STAMP)
 
+# ...then commits dvc.lock and the git-tracked outputs: queued experiments (`dvc exp run
+# --queue`) start from that commit and reuse its store instead of rebuilding it.
 run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/saelab baseline
 
 test: $(DEV)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q

@@ -1,5 +1,8 @@
-"""DVC stage `extract_mlp8`: thin entry point; the work is in saelab.activations.extract."""
+"""DVC stage `extract_mlp8`: thin entry point; saelab.preflight's checks, then the work in
+saelab.activations.extract."""
+from saelab import preflight
 from saelab.activations.extract import main
 
 if __name__ == "__main__":
+    preflight.main("extract_mlp8")
     main()

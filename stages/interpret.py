@@ -1,5 +1,8 @@
-"""DVC stage `interpret`: thin entry point; the work is in saelab.interpret.stage."""
+"""DVC stage `interpret`: thin entry point; saelab.preflight's checks, then the work in
+saelab.interpret.stage."""
+from saelab import preflight
 from saelab.interpret.stage import main
 
 if __name__ == "__main__":
+    preflight.main("interpret")
     main()

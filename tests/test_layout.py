@@ -16,7 +16,7 @@ ALLOWED = {
     "interpret": {"core", "data", "activations", "sae"},
     "hub": {"core", "activations"},
 }
-TOP = {"cli", "verify", "__init__"}
+TOP = {"cli", "verify", "preflight", "__init__"}
 
 
 def _modules():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .core.config import ConfigError, load_params
 from .core.errors import SaelabError
+from .preflight import STAGES as PIPELINE_STAGES
 
 
 def compose_params(overrides: list[str] | None = None, root: Path = Path("."),
@@ -103,6 +104,24 @@ def _cmd_upload_sae(args) -> int:
     return 0
 
 
+def _cmd_baseline(args) -> int:
+    from .core.baseline import commit_baseline
+
+    sha = commit_baseline()
+    print(f"committed the baseline as {sha}" if sha else
+          "the baseline is committed already (HEAD holds this dvc.lock and outputs)")
+    return 0
+
+
+def _cmd_preflight(args) -> int:
+    from .preflight import preflight
+
+    preflight(load_params(args.params), args.stage, Path(args.params))
+    later = PIPELINE_STAGES[PIPELINE_STAGES.index(args.stage):]
+    print(f"preflight passed: {', '.join(later)} can start")
+    return 0
+
+
 def _cmd_pareto(args) -> int:
     from .sae.pareto import main as pareto_main
 
@@ -118,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=llama-3.2-1b")
     p.add_argument("--output", help="write here instead of params.yaml")
     p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("baseline", help="commit dvc.lock and the pipeline's git-tracked "
+                       "outputs after `dvc repro` (what queued experiments start from)")
+    p.set_defaults(func=_cmd_baseline)
+
+    p = sub.add_parser("preflight", help="check params.yaml against conf/ and the API key, "
+                       "Hub token and disk the stages will need, without running anything")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--stage", default="fetch_model", choices=PIPELINE_STAGES,
+                   help="check this stage and the later ones")
+    p.set_defaults(func=_cmd_preflight)
 
     p = sub.add_parser("budget", help="print the token, FLOP and GPU-hour budget")
     p.add_argument("--params", default="params.yaml")

@@ -22,6 +22,22 @@ def hub_token(purpose: str, fix: str) -> str:
     return token
 
 
+def model_token(model) -> str | None:
+    """The token `model.source = hub` needs (Llama is gated); None for the other sources."""
+    if model.source != "hub":
+        return None
+    return hub_token(f"model.source = hub downloads the gated {model.hf_repo}",
+                     f"export HF_TOKEN=... with access to {model.hf_repo}")
+
+
+def oscar_token(data) -> str:
+    """The token `data.source = oscar` needs: the Hub serves OSCAR only to accounts that
+    accepted its terms."""
+    return hub_token(f"data.source = oscar streams the gated {data.oscar_repo}",
+                     f"export HF_TOKEN=... of an account that accepted the terms at "
+                     f"https://huggingface.co/datasets/{data.oscar_repo}")
+
+
 @contextlib.contextmanager
 def hub_errors(repo: str, setting: str, gated_url: str | None = None) -> Iterator[None]:
     """Turn Hub failures (gated, bad token, missing repo/revision, offline) into one clear line.

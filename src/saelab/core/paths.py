@@ -14,6 +14,8 @@ TRAIN_DIR = Path("reports/train")
 TRAIN_METRICS = TRAIN_DIR / "metrics.json"
 INTERPRET_DIR = Path("reports/interpret")
 INTERPRET_METRICS = Path("reports/interpret_metrics.json")
+# The numeric views of the reports above: the DVC metrics files (core.metrics).
+METRICS_DIR = Path("reports/metrics")
 # The GPU suite's record (bench/gpu.py): measured rates `saelab budget` shows.
 GPU_RESULTS = Path("bench/results.json")
 # Resume state lives outside DVC outputs: DVC deletes a stage's outs before rerunning it.

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable
 
+from . import metrics
 from .config import ConfigError, Params, load_params
 from .errors import SaelabError
 from .runtime import setup_logging, setup_threads
@@ -26,6 +27,8 @@ def run_stage(stage: str, body: Callable[[Params], None], params_path: str = "pa
         rank0 = int(os.environ.get("RANK", "0")) == 0
         with stage_run(stage, params) if rank0 else contextlib.nullcontext():
             body(params)
+            if rank0:
+                metrics.write_views(stage)
     except (ConfigError, SaelabError) as e:
         log.error("%s failed: %s", stage, e)
         sys.exit(2)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 from ..core import atomic, paths
 from ..core.config import ModelCfg, Params
 from ..core.errors import SaelabError
-from ..core.hub_access import hub_errors, hub_token
+from ..core.hub_access import hub_errors, model_token
 from . import model_sources
 from .tokenizer import BOS_ID, EOS_ID, load_llama3_tokenizer
 
@@ -165,9 +165,7 @@ def fetch_model(params: Params, out_dir: Path = paths.MODEL_DIR,
     out_dir, json_path = Path(out_dir), Path(json_path)
     # Checked before anything touches the disk or the network: a bad input keeps the model
     # already in out_dir.
-    token = hub_token(f"model.source = hub downloads the gated {cfg.hf_repo}",
-                      f"export HF_TOKEN=... with access to {cfg.hf_repo}",
-                      ) if cfg.source == "hub" else None
+    token = model_token(cfg)
     gguf = _checked_gguf(cfg, layer) if cfg.source == "gguf" else None
     local = _checked_local(cfg, layer, out_dir) if cfg.source == "local" else None
     tokenizer = _saved_tokenizer(local) if local else None

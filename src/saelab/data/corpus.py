@@ -43,7 +43,7 @@ from ..core.progress import Progress
 from ..core.atomic import atomic_path
 from ..core.config import DataCfg, Params
 from ..core.errors import SaelabError
-from ..core.hub_access import hub_errors, hub_token
+from ..core.hub_access import hub_errors, oscar_token
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,7 @@ def _hub_records(data: DataCfg, manifest: dict) -> Iterator[tuple[str, int, dict
 
     if data.source == "oscar":
         repo, revision = data.oscar_repo, data.oscar_revision
-        # OSCAR is gated: the Hub serves it only to accounts that accepted its terms.
-        token = hub_token(f"data.source = oscar streams the gated {repo}",
-                          f"export HF_TOKEN=... of an account that accepted the terms at "
-                          f"https://huggingface.co/datasets/{repo}")
+        token = oscar_token(data)
         kwargs = {"data_files": data.oscar_files}
         manifest["files"] = data.oscar_files
     else:

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 
 from ..core import paths
-from ..core.config import Params
+from ..core.config import InterpretCfg, Params
 from ..core.errors import SaelabError
 from ..core.runtime import resolve_device
 from ..core.stage import run_stage
@@ -37,15 +37,22 @@ def _tokenizer():
                           "fetch_model`") from None
 
 
+def preconditions(cfg: InterpretCfg):
+    """The explainer, once its model is known and not retired and, for an API backend, the
+    key and endpoint are usable; saelab.preflight checks it before the first stage too."""
+    llm = explainer(cfg)
+    if cfg.backend != "none":
+        api_key()
+        check_base_url(cfg.base_url)
+    return llm
+
+
 def _run(params: Params) -> None:
     from ..sae.autoencoder import load_sae
     from ..activations.store import ActivationStore
 
     cfg = params.interpret
-    llm = explainer(cfg)  # a retired model or a missing key stops before the store pass
-    if cfg.backend != "none":
-        api_key()
-        check_base_url(cfg.base_url)
+    llm = preconditions(cfg)  # a retired model or a missing key stops before the store pass
     device = resolve_device(params)
     store = ActivationStore(paths.ACTIVATIONS_DIR)
     store.check()
