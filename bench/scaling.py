@@ -19,8 +19,8 @@ Targets (issue 17): loss within 10% (tiny) / 5% (smollm2-135m) at 2x and 4x with
 measurement inside the interval; lr* within a factor 1.3; <= 5% dead, no spike.
 
     nice .venv/bin/python bench/scaling.py --params params.yaml --store data/activations
-    # the real model, in a workspace after `saelab params profile=smollm2-135m` and
-    # `dvc repro extract_mlp8`:
+    # the real model, in a workspace after `dvc exp run -S profile=smollm2-135m extract_mlp8`
+    # (a profile other than conf/'s is an experiment's override: README, Sweeps):
     nice .venv/bin/python bench/scaling.py --params params.yaml --store data/activations
 """
 from __future__ import annotations
