@@ -199,11 +199,11 @@ def _declared_params(entry: dict[str, Any]) -> list[str]:
     return keys
 
 
-def stage_params(stage: str, params: Params) -> dict[str, Any]:
-    """The params a stage's run logs: those its dvc.yaml stage declares (every param for a
-    command outside dvc.yaml), less the nulls (derived values, logged by their deriver)."""
+def stage_params(entry: dict[str, Any] | None, params: Params) -> dict[str, Any]:
+    """The params a stage's run logs: those its dvc.yaml `entry` declares (every param for
+    a command outside dvc.yaml, entry None), less the nulls (derived values, logged by
+    their deriver)."""
     flat = flatten(to_dict(params))
-    entry = _dvc_stage(stage)
     if entry is not None:
         keys = _declared_params(entry)
         flat = {k: v for k, v in flat.items()
@@ -329,7 +329,7 @@ def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterat
     try:
         with mlflow.start_run(run_name=name, tags=tags, parent_run_id=parent,
                               log_system_metrics=system_metrics) as run:
-            mlflow.log_params(_clean_params(stage_params(stage, params)))
+            mlflow.log_params(_clean_params(stage_params(entry, params)))
             # The context names the stage that read the dataset.
             for dataset, input_tags in _dataset_inputs(entry) if entry else []:
                 mlflow.log_input(dataset, context=stage, tags=input_tags)
