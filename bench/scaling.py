@@ -39,9 +39,8 @@ import torch
 
 from saelab.activations.store import ActivationStore
 from saelab.core.config import load_params
-from saelab.scaling.laws import (fit_laws, fit_pilots, heldout_split, per_size,
-                                 measurement_interval, mean_losses, run_grid, sweep_rows,
-                                 uncertainty)
+from saelab.scaling.laws import (fit_laws, fit_pilots, heldout_split, measurement_interval,
+                                 pilot_batch, run_grid, sizes_of, uncertainty)
 from saelab.sae.train import train
 
 # A spike: a logging window whose mean training loss is this much above both neighbours
@@ -86,6 +85,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--no-train", action="store_true", help="skip the train_sae-recipe run")
     ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--rows", help="save the pilots here (JSON); if the file exists, load them "
+                    "instead of training (refit without rerunning)")
     args = ap.parse_args()
     os.environ.setdefault("SAELAB_TRACKING", "off")  # a bench, not a stage: no MLflow runs
     torch.set_num_threads(args.threads)
@@ -98,21 +99,30 @@ def main() -> None:
     fit_sizes = grid[:-1]
     beyond = [int(float(b) * fit_sizes[-1]) for b in args.beyond.split(",")]
     print(f"profile {params.profile}: fit on d_sae {fit_sizes} (lrs {list(s.lr_grid)}, "
-          f"{s.seeds} seeds, sweep {s.n_tokens} tokens, token counts {sorted(s.tokens_grid)}), "
+          f"{s.seeds} seeds, sweep {s.n_tokens} tokens, token counts {sorted(s.tokens_grid)}, "
+          f"batch {pilot_batch(params)}, dead-latent guard {s.max_dead_fraction}), "
           f"held out {beyond}", flush=True)
 
     t0 = time.perf_counter()
     fit_cfg = dataclasses.replace(s, d_sae_grid=tuple(fit_sizes))
-    rows = run_grid(dataclasses.replace(params, scaling=fit_cfg), args.store)
-    held_cfg = dataclasses.replace(s, d_sae_grid=tuple(beyond), tokens_grid=())
-    held_rows = run_grid(dataclasses.replace(params, scaling=held_cfg), args.store)
+    # The same token counts: the dead-latent guard measures lr at the largest.
+    held_cfg = dataclasses.replace(s, d_sae_grid=tuple(beyond))
+    if args.rows and Path(args.rows).exists():
+        saved = json.loads(Path(args.rows).read_text())
+        rows, held_rows = saved["fit"], saved["held_out"]
+    else:
+        rows = run_grid(dataclasses.replace(params, scaling=fit_cfg), args.store)
+        held_rows = run_grid(dataclasses.replace(params, scaling=held_cfg), args.store)
+        if args.rows:
+            Path(args.rows).write_text(json.dumps({
+                part: [{k: v for k, v in r.items() if k != "history"} for r in got]
+                for part, got in (("fit", rows), ("held_out", held_rows))}))
     pilot_s = time.perf_counter() - t0
 
     laws = fit_laws(rows, fit_cfg, params.run.seed)
     pred = uncertainty(rows, fit_cfg, laws, [(str(w), w, s.n_tokens) for w in beyond],
                        params.run.seed)
-    measured = {e["d_sae"]: e for e in per_size(mean_losses(sweep_rows(held_rows, s)),
-                                                 s.parabola_neighbours)}
+    measured = {e["d_sae"]: e for e in sizes_of(held_rows, held_cfg)}
     out: dict = {"profile": params.profile, "fit_sizes": fit_sizes, "pilot_seconds": pilot_s,
                  "loss_law": laws.loss.to_dict(), "lr_law": laws.lr.to_dict(), "widths": []}
     print(f"\nloss law: {laws.loss.to_dict()['law']}, "
@@ -135,12 +145,20 @@ def main() -> None:
                "measured_se": se, "error_pct": err, "inside": inside,
                "predicted_lr_star": p["lr"], "predicted_lr_interval": p["lr_interval"]["ci"],
                "measured_lr_star": lr_m, "lr_ratio": p["lr"] / lr_m,
-               "measured_lr_curve": dict(zip(map(str, m["lrs"]), m["losses"]))}
+               "measured_lr_curve": dict(zip(map(str, m["lrs"]), m["losses"])),
+               "measured_lr_guarded": m.get("lr_used"), "measured_dead_guard": m.get("dead_guard")}
         out["widths"].append(row)
         ivs = "none" if iv is None else f"[{iv[0]:.4f}, {iv[1]:.4f}]"
         print(f"| {w} | {w / fit_sizes[-1]:g} | {p['loss']:.4f} {ivs} | {m['best_loss']:.4f} "
               f"({se if se is None else f'{se:.4f}'}) | {err:+.1f}% | {inside} | {p['lr']:.4g} "
               f"| {lr_m:.4g} | {p['lr'] / lr_m:.2f} |", flush=True)
+
+    for e in laws.sizes + [measured[w] for w in beyond]:
+        g = e.get("dead_guard")
+        if g:
+            print(f"dead-latent guard d_sae={e['d_sae']}: {g['state']}, lr* {g['lr_star']:.4g}"
+                  f" -> {g['lr']:.4g}; dead at {g['tokens']} tokens by lr {g['dead_at_lr']}")
+    out["dead_guard"] = {e["d_sae"]: e.get("dead_guard") for e in laws.sizes}
 
     # What the stage would recommend on the profile's own grid, from these same pilots.
     stage_rows = [r for r in rows + held_rows if r["d_sae"] in grid]

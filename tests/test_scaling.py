@@ -7,8 +7,9 @@ import yaml
 
 from saelab.core import paths
 from saelab.core.config import SAECfg, ScalingCfg, parse_params
-from saelab.scaling.laws import (caveats, fit_pilots, heldout_split, main, mean_losses, pilot_cfg,
-                                 pilot_loss, run_grid, write_outputs)
+from saelab.scaling.laws import (DEAD_LR_STEP, DEAD_MAX_STEPS, caveats, fit_pilots, heldout_split,
+                                 main, mean_losses, pilot_cfg, pilot_loss, run_grid, sizes_of,
+                                 write_outputs)
 from saelab.activations.store import ActivationStore, StoreWriter
 
 # Ground truth of the synthetic pilots: L(N, lr) = a N^-b + c + k (log10 lr - log10 lr*(N))^2
@@ -39,6 +40,17 @@ def test_pilot_cfg_overrides_warmups_and_batch():
     cfg = pilot_cfg(params, 96)
     assert (cfg.d_sae, cfg.batch_size, cfg.lr_warmup_steps, cfg.l0_warmup_steps) == (96, 512, 3, 7)
     assert cfg.l0_coeff == params.sae.l0_coeff and cfg.architecture == params.sae.architecture
+
+
+def test_pilots_default_to_train_sae_batch_and_schedule_shape():
+    # Unset, the pilots take train_sae's batch and its warm-ups at the same fraction of
+    # their steps: the law's token axis is then train_sae's (issue 17).
+    params = parse_params({"sae": {"batch_size": 1024, "n_tokens": 1024 * 400,
+                                   "lr_warmup_steps": 40, "l0_warmup_steps": 200},
+                           "scaling": {"n_tokens": 1024 * 100}})
+    cfg = pilot_cfg(params, 96)
+    assert (cfg.batch_size, cfg.lr_warmup_steps, cfg.l0_warmup_steps) == (1024, 10, 50)
+    assert cfg.n_tokens is None  # train_sae's own count is not the pilot's
 
 
 def test_pilot_loss_is_the_heldout_objective():
@@ -253,7 +265,7 @@ def test_outputs_are_strict_json_and_plots(tmp_path):
     for key in ("loss_png", "lr_curves_png", "lr_star_png", "pilots_csv", "loss_csv", "lr_csv"):
         assert written[key].stat().st_size > 0, key
     header = written["pilots_csv"].read_text().splitlines()[0]
-    assert header.startswith("d_sae,lr,seed,n_tokens,status,loss")
+    assert header.startswith("d_sae,lr,seed,n_tokens,phase,status,loss")
     # Degenerate results still write every file but the fit curves, and say why.
     bad = fit_pilots(synth_rows(sizes=[64]), cfg1d(), d_sae=512, n_tokens=10)
     written = write_outputs(bad, synth_rows(sizes=[64]), tmp_path / "bad")
@@ -357,12 +369,22 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     main()
 
     report = json.loads((tmp_path / paths.FIT_JSON).read_text())
-    assert len(report["pilots"]) == 30  # 24 in the lr sweep, 6 at tokens_grid's 2048
+    phases = [p["phase"] for p in report["pilots"]]
+    # 24 in the lr sweep, 6 at tokens_grid's 2048, and the dead-latent guard's at the
+    # largest count (the sweep's 4096): each width's lr*, then steps down while dead.
+    assert phases.count("sweep") == 24 and phases.count("tokens") == 6
+    guard = [p for p in report["pilots"] if p["phase"] == "guard"]
+    assert len(guard) >= 6 and {p["n_tokens"] for p in guard} == {4096}
+    for e in report["per_size"]:
+        g = e["dead_guard"]
+        assert g["tokens"] == 4096 and g["state"] in ("ok", "lowered", "failed")
+        assert e["lr_used"] == g["lr"] <= e["lr_star"] * (1 + 1e-9)
     ok = [p for p in report["pilots"] if p["status"] == "ok"]
     assert ok, report["pilots"]
     for p in ok:  # the loss is the held-out objective of DESIGN §6
         assert p["loss"] == pytest.approx(p["mse"] * store.d + 1.0e-3 * p["l0"], rel=1e-9)
         assert p["tokens"] == p["n_tokens"] in (4096, 2048)
+        assert p["dead_fraction"] is not None
     rec = report["recommended"]
     assert rec["n_tokens"] == 2_100_000_000 and rec["d_sae"] == 64
     assert report["status"] in ("ok", "lr_fallback", "holdout_outside_interval", "degenerate")
@@ -393,7 +415,7 @@ def test_stage_end_to_end_on_a_synthetic_store(tmp_path, monkeypatch, isolated_m
     parents = runs[(runs["tags.dvc.stage"] == "fit_scaling_laws") & runs["tags.saelab.pilot"].isna()]
     assert len(parents) == 1
     nested = runs[runs["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]]
-    assert len(nested) == 30
+    assert len(nested) == len(report["pilots"])
     assert {"metrics.degenerate", "metrics.status_ok"} <= set(parents.columns)
     assert "metrics.predicted_loss_budget" not in parents.columns
 
@@ -448,3 +470,75 @@ def test_topk_pilots_scale_k_with_their_width(tmp_path):
     make_store(tmp_path / "store", n_tokens=2048)
     row = run_pilot(params, 8, 1e-2, 0, str(tmp_path / "store"))
     assert row["status"] == "ok" and 0 < row["l0"] <= 1.0 + 1e-6
+
+
+def _guard_grid(dead_above: float, sizes=(8, 16, 32)):
+    """run_grid with fake pilots: loss 1/d + (log10 lr + 1.5)^2 (lr* ~ 0.032 at every
+    width, between the grid's 0.01 and 0.1), and every latent... dead above `dead_above`
+    at the guard's count, 1% dead below it."""
+    params = parse_params({**PILOT_PARAMS, "scaling": {
+        **PILOT_PARAMS["scaling"], "d_sae_grid": list(sizes), "lr_grid": [1e-3, 1e-2, 1e-1],
+        "tokens_grid": [2048, 16384]}})
+    calls = []
+
+    def fake_pilot(p, d, lr, seed, store_dir, threads=None):
+        n = p.scaling.n_tokens
+        calls.append((d, lr, seed, n))
+        dead = 0.3 if (n == 16384 and lr > dead_above) else 0.01
+        return {"d_sae": d, "lr": lr, "seed": seed, "status": "ok", "error": "",
+                "loss": 1.0 / d + (math.log10(lr) + 1.5) ** 2 + 1.0 / n, "dead_fraction": dead}
+
+    return params, run_grid(params, "unused", pilot_fn=fake_pilot), calls
+
+
+def test_dead_guard_steps_lr_down_at_the_largest_count_until_latents_live(isolated_mlflow):
+    params, rows, calls = _guard_grid(dead_above=0.012)
+    s = params.scaling
+    sizes = {e["d_sae"]: e for e in sizes_of(rows, s)}
+    for d, e in sizes.items():
+        star = e["lr_star"]
+        assert star == pytest.approx(10 ** -1.5, rel=0.05)
+        # lr*, lr*/sqrt2, lr*/2, lr*/(2 sqrt2) = 0.0112: the first <= 0.012 is kept.
+        tried = sorted(lr for dd, lr, _, n in calls if dd == d and n == 16384)
+        expect = sorted({star / DEAD_LR_STEP ** k for k in range(4)})
+        assert tried == pytest.approx(sorted(expect * 2))  # 2 seeds each
+        g = e["dead_guard"]
+        assert g["state"] == "lowered" and e["lr_used"] == pytest.approx(star / DEAD_LR_STEP ** 3)
+    # Every guard pilot is at the largest count; the sweep is untouched by them.
+    assert {r["n_tokens"] for r in rows if r["phase"] == "guard"} == {16384}
+    res = fit_pilots(rows, s, d_sae=64, n_tokens=10)
+    assert res["status"] in ("ok", "lr_fallback", "holdout_outside_interval")
+    assert "dead_latents" not in res["status"]
+    # lr* is the loss's optimum (the law's); train_sae's lr is capped by the guard's lr at
+    # the nearest pilot width (or that width's guarded lr, on a fallback).
+    rec = res["recommended"]
+    assert rec["lr"] == pytest.approx(sizes[32]["lr_used"])
+    assert rec["lr_source"] in ("fit_capped_dead", "fallback_nearest_width")
+    # The loss law does not fit the losses of runs that left too many latents dead: its
+    # cell at (d, 16384) is the guarded lr's loss, not lr*'s lower one.
+    from saelab.scaling.laws import best_cells, unsafe_cells
+    cells = {(d, n): v for d, n, v in best_cells(rows, s.n_tokens, unsafe_cells(rows, s))}
+    for d, e in sizes.items():
+        assert cells[(d, 16384)] == pytest.approx(
+            1.0 / d + (math.log10(e["lr_used"]) + 1.5) ** 2 + 1.0 / 16384)
+
+
+def test_dead_guard_that_finds_no_live_lr_says_so(isolated_mlflow):
+    params, rows, calls = _guard_grid(dead_above=1e-6, sizes=(8, 16, 32))
+    e = sizes_of(rows, params.scaling)[0]
+    g = e["dead_guard"]
+    assert g["state"] == "failed"
+    assert g["lr"] == pytest.approx(e["lr_star"] / DEAD_LR_STEP ** DEAD_MAX_STEPS)
+    res = fit_pilots(rows, params.scaling, d_sae=64, n_tokens=10)
+    assert res["status"] == "dead_latents" or any(p.startswith("dead_latents")
+                                                   for p in res["problems"])
+    assert "raise scaling.max_dead_fraction" in res["reason"]
+
+
+def test_pilot_grid_logs_progress_off_a_terminal(isolated_mlflow, caplog):
+    # tqdm draws nothing under nohup or `dvc queue`: the grid must still say where it is.
+    with caplog.at_level("INFO", logger="saelab.progress"):
+        _guard_grid(dead_above=0.012)
+    lines = [r.getMessage() for r in caplog.records if r.name == "saelab.progress"]
+    assert lines and all(line.startswith("pilots: pilot token") for line in lines)
+    assert "(100.0%)" in lines[-1] and "guard d_sae=" in lines[-1]

@@ -233,13 +233,17 @@ class ScalingCfg:
     # law is L(N, D) = E + A N^-alpha + B D^-beta over width and tokens (it needs more
     # points than its 5 parameters: sizes x counts > 5), predicted at train_sae's tokens.
     tokens_grid: tuple[int, ...] = (16_384, 65_536)
-    batch_size: int = rng(256, 1)
+    # Pilots train at train_sae's batch (null: sae.batch_size), so that the law's tokens are
+    # train_sae's tokens: the same tokens at another batch are another number of steps
+    # (issue 17: pilots at 256 predicted 0.137 where train_sae at 4096 measured 0.204).
+    batch_size: Optional[int] = rng(None, 1)
     workers: int = rng(2, 1)
     bootstrap: int = rng(200, 0)
-    # Pilots share the trainer with train_sae; these override its warm-ups, which are
-    # sized for billions of tokens.
-    lr_warmup_steps: int = rng(10, 0)
-    l0_warmup_steps: int = rng(50, 0)
+    # Pilots share the trainer with train_sae; null: its warm-ups (sae.*_warmup_steps) at
+    # the same fraction of a pilot's steps as of train_sae's run, so that every pilot has
+    # train_sae's schedule shape; a number: that many steps in every pilot.
+    lr_warmup_steps: Optional[int] = rng(None, 0)
+    l0_warmup_steps: Optional[int] = rng(None, 0)
     holdout_largest: bool = True
     # Pilots per (d_sae, lr), with seeds run.seed, run.seed + 1, ...: their spread is the
     # noise the fits' bootstrap intervals need (with 1 seed, only more sizes give one).
@@ -254,6 +258,11 @@ class ScalingCfg:
     # the nearest pilot width is (status lr_fallback).
     lr_max_exponent: float = 0.0
     lr_min_r2: float = rng(0.5, 0.0, 1.0)
+    # Dead-latent guard: an lr whose pilots at the largest pilot token count (train_sae's,
+    # where the profile affords it) leave more than this fraction of latents dead is not
+    # used; each width steps its lr down until its pilots keep to it (null: off). The
+    # objective's lr* buys sparsity by killing latents (issue 17: 19% dead at smollm2's).
+    max_dead_fraction: Optional[float] = rng(0.05, 0.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,14 @@ class Progress:
         log.info(", ".join(parts))
         self.t_last, self.n_last = now, self.n
 
+    def extend(self, n: int) -> None:
+        """Add `n` units to the total (work found to be needed on the way)."""
+        if self.total is not None:
+            self.total += n
+        if self.bar is not None and self.bar.total is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -48,9 +48,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..core import atomic, paths, plots
+from ..core.progress import Progress
 from .budget import budget_markdown, write_budget
 from ..core.config import Params, SAECfg, ScalingCfg
 from ..core.errors import SaelabError
@@ -72,7 +72,7 @@ LR_CURVES_PNG = paths.SCALING_DIR / "lr_curves.png"
 LR_STAR_PNG = paths.SCALING_DIR / "lr_star_vs_size.png"
 # No timings (tokens/s, seconds): pilots.csv and fit.json are tracked by DVC and must be
 # byte-identical on rerun; each pilot's MLflow run has them.
-PILOT_COLUMNS = ["d_sae", "lr", "seed", "n_tokens", "status", "loss", "mse", "fvu", "l0",
+PILOT_COLUMNS = ["d_sae", "lr", "seed", "n_tokens", "phase", "status", "loss", "mse", "fvu", "l0",
                  "dead_fraction",
                  "tokens", "error"]
 
@@ -82,12 +82,12 @@ PILOT_COLUMNS = ["d_sae", "lr", "seed", "n_tokens", "status", "loss", "mse", "fv
 # train_sae settings that pilots do not use (each pilot has its own lr and token count and
 # trains from the store, without checkpoints): reset in pilot_cfg so that no pilot can
 # depend on them, and left out of fit_scaling_laws' params in dvc.yaml, so that a sweep
-# over them does not rerun the pilot grid.
+# over them does not rerun the pilot grid. (sae.n_tokens is read before the reset: the
+# pilots' warm-ups are the same fraction of their steps as train_sae's of its steps.)
 TRAIN_ONLY = ("lr", "n_tokens", "max_epochs", "stream", "shuffle_buffer", "stream_lanes",
               "checkpoint_every")
-# sae keys pilot_cfg replaces with the scaling section's (sae.batch_size is still read: the
-# caveats compare it with the pilots').
-PILOT_REPLACED = ("lr_warmup_steps", "l0_warmup_steps")
+# Of those, the ones pilot_cfg reads before the reset (so fit_scaling_laws declares them).
+PILOT_READS = ("n_tokens",)
 
 
 def pilot_k(k: int, d_sae: int, d_pilot: int) -> int:
@@ -96,14 +96,30 @@ def pilot_k(k: int, d_sae: int, d_pilot: int) -> int:
     return max(1, min(d_pilot, round(k * d_pilot / d_sae)))
 
 
+def pilot_batch(params: Params) -> int:
+    """The pilots' batch: train_sae's unless scaling.batch_size sets another."""
+    return params.scaling.batch_size or params.sae.batch_size
+
+
 def pilot_cfg(params: Params, d_sae: int) -> SAECfg:
-    """train_sae's recipe at pilot size, with warm-ups sized for pilot token counts and
+    """train_sae's recipe at pilot size and scaling.n_tokens tokens: its batch, its
+    warm-ups scaled to the same fraction of the pilot's steps (unless scaling.* sets them),
     k scaled with the width."""
-    s = params.scaling
+    s, sae = params.scaling, params.sae
+    batch = pilot_batch(params)
+    # train_sae's steps; sae.n_tokens is null only before the budget resolves it (the
+    # stage fills it in), and then the pilot itself is the run the warm-ups are sized for.
+    full_steps = max(1, (sae.n_tokens or s.n_tokens) // sae.batch_size)
+    steps = max(1, s.n_tokens // batch)
+
+    def warm(override: int | None, train_steps: int) -> int:
+        return override if override is not None else round(train_steps * steps / full_steps)
+
     unused = {k: getattr(SAECfg(), k) for k in TRAIN_ONLY}
-    return dataclasses.replace(params.sae, d_sae=d_sae, lr_warmup_steps=s.lr_warmup_steps,
-                               l0_warmup_steps=s.l0_warmup_steps, batch_size=s.batch_size,
-                               k=pilot_k(params.sae.k, params.sae.d_sae, d_sae), **unused)
+    return dataclasses.replace(sae, d_sae=d_sae, batch_size=batch,
+                               lr_warmup_steps=warm(s.lr_warmup_steps, sae.lr_warmup_steps),
+                               l0_warmup_steps=warm(s.l0_warmup_steps, sae.l0_warmup_steps),
+                               k=pilot_k(sae.k, sae.d_sae, d_sae), **unused)
 
 
 def pilot_loss(metrics: dict[str, Any], cfg: SAECfg, d_in: int) -> float:
@@ -122,8 +138,9 @@ def heldout_split(n_tokens: int, eval_tokens: int, batch_size: int) -> int:
     if eval_tokens < 1 or n_train < batch_size:
         raise SaelabError(
             f"the store holds {n_tokens} vectors; holding out sae.eval_tokens = {eval_tokens} "
-            f"leaves {n_train} for pilots, fewer than one batch (scaling.batch_size = "
-            f"{batch_size}) or no held-out data; raise extract.n_tokens or lower those")
+            f"leaves {n_train} for pilots, fewer than one batch (the pilots' batch, "
+            f"scaling.batch_size or sae.batch_size: {batch_size}) or no held-out data; raise "
+            "extract.n_tokens or lower those")
     return n_train
 
 
@@ -135,18 +152,18 @@ def run_pilot(params: Params, d_sae: int, lr: float, seed: int, store_dir: str,
         torch.set_num_threads(threads)
     store = ActivationStore(store_dir)
     cfg = pilot_cfg(params, d_sae)
-    s = params.scaling
-    n_train = heldout_split(store.n_tokens, params.sae.eval_tokens, s.batch_size)
+    s, batch = params.scaling, cfg.batch_size
+    n_train = heldout_split(store.n_tokens, params.sae.eval_tokens, batch)
     heldout = store.gather(np.arange(n_train, store.n_tokens))
     row: dict[str, Any] = {"d_sae": d_sae, "lr": lr, "seed": seed, "n_tokens": s.n_tokens,
                            "status": "ok", "error": "", "history": []}
     t0 = time.perf_counter()
     try:
-        result = train(cfg, store.iter_batches(s.batch_size, seed=seed, n_tokens=n_train),
+        result = train(cfg, store.iter_batches(batch, seed=seed, n_tokens=n_train),
                        d_in=store.d, n_tokens=s.n_tokens, lr=lr,
                        device=resolve_device(params), seed=seed,
-                       eval_batches=iter(heldout.split(s.batch_size)),
-                       eval_n_batches=math.ceil(len(heldout) / s.batch_size))
+                       eval_batches=iter(heldout.split(batch)),
+                       eval_n_batches=math.ceil(len(heldout) / batch))
     except SaelabError as e:
         # The trainer's NaN/Inf guard is a result; any other error is a set-up problem that
         # every pilot would share, so it stops the stage with the trainer's message.
@@ -174,7 +191,7 @@ def _log_pilot(row: dict[str, Any], params: Params) -> None:
     name = (f"pilot d_sae={row['d_sae']} lr={row['lr']:.2e} seed={row['seed']} "
             f"tokens={row['n_tokens']}")
     spec = {"d_sae": row["d_sae"], "lr": row["lr"], "seed": row["seed"],
-            "n_tokens": row["n_tokens"], "batch_size": params.scaling.batch_size}
+            "n_tokens": row["n_tokens"], "batch_size": pilot_batch(params)}
     with nested_run(name, spec, tags={"saelab.pilot": "true", "status": row["status"]}):
         for h in row.get("history", []):
             # Under train_sae's metric names (train.lr is the schedule; the param lr the
@@ -192,13 +209,16 @@ def _with_tokens(params: Params, n_tokens: int) -> Params:
 
 
 def _run_jobs(params: Params, jobs: list[tuple[int, float, int, int]], store_dir: str,
-              pilot_fn: PilotFn, bar) -> list[dict[str, Any]]:
+              pilot_fn: PilotFn, bar, phase: str) -> list[dict[str, Any]]:
     """(d_sae, lr, seed, n_tokens) pilots in `scaling.workers` processes; each logged as a
-    nested run (from this process, so all of them land under the stage's run)."""
+    nested run (from this process, so all of them land under the stage's run). `phase`:
+    sweep, tokens (tokens_grid) or guard (the dead-latent guard's lower lrs)."""
     def done(row: dict[str, Any], n_tokens: int) -> dict[str, Any]:
         row.setdefault("n_tokens", n_tokens)
+        row["phase"] = phase
         _log_pilot(row, params)
-        bar.update()
+        bar.update(n_tokens, last=f"{phase} d_sae={row['d_sae']} lr={row['lr']:.3g}",
+                   loss=row.get("loss", math.nan))
         return row
 
     workers = min(params.scaling.workers, len(jobs))
@@ -228,25 +248,115 @@ def run_grid(params: Params, store_dir: str | Path = paths.ACTIVATIONS_DIR,
              pilot_fn: PilotFn = run_pilot) -> list[dict[str, Any]]:
     """The lr sweep (every d_sae x lr x seed at scaling.n_tokens), then, for each count in
     scaling.tokens_grid, every d_sae x seed at that size's lr* from the sweep: the token
-    axis of L(N, D) costs one lr per size, not a sweep (its lr* is the sweep's, a caveat)."""
+    axis of L(N, D) costs one lr per size, not a sweep (its lr* is the sweep's, a caveat).
+    Last the dead-latent guard (`dead_guard_jobs`) at the largest count."""
     s = params.scaling
     seeds = [params.run.seed + i for i in range(s.seeds)]
     sizes = sorted(set(s.d_sae_grid))
     sweep = [(d, lr, seed, s.n_tokens) for d in sizes for lr in sorted(set(s.lr_grid))
              for seed in seeds]
     counts = [n for n in sorted(set(s.tokens_grid)) if n != s.n_tokens]
-    bar = tqdm(total=len(sweep) + len(sizes) * len(seeds) * len(counts), desc="pilots",
-               disable=None)
-    rows = _run_jobs(params, sweep, str(store_dir), pilot_fn, bar)
-    # The parabola's lr* where there is one (grid points are 3x apart; the best of them can
-    # sit far up the curve's steep side), else the best grid lr.
-    best = {e["d_sae"]: e.get("lr_star", e["best_grid_lr"])
-            for e in per_size(mean_losses(rows), s.parabola_neighbours)}
+    # Progress in pilot tokens (a pilot's cost grows with its tokens), so the ETA holds
+    # across the sweep's short pilots and the long ones at the largest count.
+    bar = Progress("pilots", sum(j[3] for j in sweep) + sum(counts) * len(sizes) * len(seeds),
+                   unit="pilot token")
+    rows = _run_jobs(params, sweep, str(store_dir), pilot_fn, bar, "sweep")
+    best = swept_lr_star(rows, s)
     extra = [(d, best[d], seed, n) for n in counts for d in sizes
              if math.isfinite(best[d]) for seed in seeds]
-    rows += _run_jobs(params, extra, str(store_dir), pilot_fn, bar)
+    rows += _run_jobs(params, extra, str(store_dir), pilot_fn, bar, "tokens")
+    for _ in range(DEAD_MAX_STEPS + 1):
+        jobs = dead_guard_jobs(rows, s, best, seeds)
+        if not jobs:
+            break
+        bar.extend(sum(j[3] for j in jobs))
+        rows += _run_jobs(params, jobs, str(store_dir), pilot_fn, bar, "guard")
     bar.close()
     return sorted(rows, key=lambda r: (r["d_sae"], r["n_tokens"], r["lr"], r["seed"]))
+
+
+def swept_lr_star(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> dict[int, float]:
+    """Each width's lr* from the sweep: the parabola's where there is one (grid points are
+    3x apart; the best of them can sit far up the curve's steep side), else the best grid
+    lr."""
+    return {e["d_sae"]: e.get("lr_star", e["best_grid_lr"]) for e in sizes_of(rows, cfg)}
+
+
+# The dead-latent guard steps a width's lr down by this factor (a loss curve is flat near
+# its optimum: an lr sqrt(2) below lr* costs little loss) at most this many times (8x).
+DEAD_LR_STEP = math.sqrt(2.0)
+DEAD_MAX_STEPS = 6
+
+
+def guard_tokens(cfg: ScalingCfg) -> int:
+    """The token count the dead-latent guard measures at: the largest the pilots run (dead
+    latents accumulate with steps at a high lr, so the longest run is the one closest to
+    train_sae's)."""
+    return max((cfg.n_tokens, *cfg.tokens_grid))
+
+
+def _group_means(rows: Sequence[dict[str, Any]], key: str,
+                 sweep_tokens: int) -> dict[tuple[int, int, float], float]:
+    """(d_sae, n_tokens, lr) -> mean of `key` over seeds (NaN if any seed lacks it); rows
+    without a count are the sweep's."""
+    groups: dict[tuple[int, int, float], list[float]] = {}
+    for r in rows:
+        v = r.get(key)
+        groups.setdefault((r["d_sae"], r.get("n_tokens", sweep_tokens), r["lr"]), []).append(
+            math.nan if v is None or v == "" else float(v))
+    return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+def dead_guard(rows: Sequence[dict[str, Any]], cfg: ScalingCfg,
+               lr_star: dict[int, float]) -> dict[int, dict[str, Any]]:
+    """Per width, the lr the laws use under the guard, from the pilots at guard_tokens:
+    lr* itself when no lr run there left more than scaling.max_dead_fraction dead (mean
+    over seeds), else the largest lr below the smallest such one, and at most lr*.
+    `state`: `ok` (lr* kept), `lowered`, `pending` (no safe lr run yet: run_grid runs the
+    next step down) or `failed` (still dead DEAD_MAX_STEPS steps below lr*: the lowest
+    tried is used, and the status says so)."""
+    if cfg.max_dead_fraction is None:
+        return {}
+    n_max = guard_tokens(cfg)
+    dead = _group_means(rows, "dead_fraction", cfg.n_tokens)
+    loss = _group_means(rows, "loss", cfg.n_tokens)
+    out = {}
+    for d, star in lr_star.items():
+        if not math.isfinite(star):
+            continue
+        at = {lr: v for (dd, n, lr), v in dead.items() if dd == d and n == n_max}
+        if not any(math.isfinite(v) for v in at.values()):
+            continue  # pilots that report no dead fraction (a table from before the guard)
+        # A diverged pilot (NaN loss) is as unusable as a dead one; one without a dead
+        # fraction otherwise (a pilot table from before the guard) is not held against it.
+        bad = [lr for lr, v in at.items()
+               if v > cfg.max_dead_fraction or not math.isfinite(loss[(d, n_max, lr)])]
+        cap = min(bad, default=math.inf)
+        entry: dict[str, Any] = {"tokens": n_max, "lr_star": star,
+                                 "dead_at_lr": {f"{lr:.6g}": at[lr] for lr in sorted(at)}}
+        if cap > star * (1 + 1e-9):  # nothing at or below lr* is dead
+            tried = any(math.isclose(lr, star, rel_tol=1e-9) for lr in at)
+            entry.update(state="ok" if tried else "pending", lr=star)
+        else:
+            safe = max((lr for lr in at if lr < cap), default=0.0)
+            step = cap / DEAD_LR_STEP
+            if safe >= step * (1 - 1e-9):
+                entry.update(state="lowered", lr=safe)
+            elif step < star / DEAD_LR_STEP ** DEAD_MAX_STEPS * (1 - 1e-9):
+                entry.update(state="failed", lr=cap)
+            else:
+                entry.update(state="pending", lr=step)
+        out[d] = entry
+    return out
+
+
+def dead_guard_jobs(rows: Sequence[dict[str, Any]], cfg: ScalingCfg,
+                    lr_star: dict[int, float], seeds: list[int]) -> list[tuple[int, float, int, int]]:
+    """The pilots the guard still needs: every seed of each `pending` width at the next lr
+    to try, at guard_tokens."""
+    n_max = guard_tokens(cfg)
+    return [(d, g["lr"], seed, n_max) for d, g in sorted(dead_guard(rows, cfg, lr_star).items())
+            if g["state"] == "pending" for seed in seeds]
 
 
 # --- fits (pure) -----------------------------------------------------------------------
@@ -272,15 +382,18 @@ def mean_losses(rows: Sequence[dict[str, Any]]) -> Means:
     return out
 
 
-def per_size(table: Means, neighbours: int) -> list[dict[str, Any]]:
+def per_size(table: Means, neighbours: int,
+             unsafe: frozenset[tuple[int, float]] = frozenset()) -> list[dict[str, Any]]:
     """lr curve of each size (means over seeds), its parabola lr* (or why there is none)
-    and its best loss."""
+    and its best loss, over the lrs not in `unsafe` (the dead-latent guard's; the parabola
+    goes through every lr: a dead-heavy run is still a measurement of the curve)."""
     out = []
     for d in sorted({d for d, _ in table}):
         lrs = sorted(lr for dd, lr in table if dd == d)
         losses = [table[(d, lr)][0] for lr in lrs]
         ses = [table[(d, lr)][1] for lr in lrs]
-        finite = [(lo, lr) for lo, lr in zip(losses, lrs) if math.isfinite(lo)]
+        finite = [(lo, lr) for lo, lr in zip(losses, lrs)
+                  if math.isfinite(lo) and (d, lr) not in unsafe]
         entry: dict[str, Any] = {"d_sae": d, "lrs": lrs, "losses": losses, "loss_ses": ses,
                                  "best_loss": min(finite)[0] if finite else math.nan,
                                  "best_grid_lr": min(finite)[1] if finite else math.nan}
@@ -310,16 +423,49 @@ def _require_parabolas(sizes: list[dict[str, Any]]) -> None:
 
 
 def sweep_rows(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> list[dict[str, Any]]:
-    """The lr sweep's pilots (scaling.n_tokens); rows without a count are the sweep's."""
-    return [r for r in rows if r.get("n_tokens", cfg.n_tokens) == cfg.n_tokens]
+    """The lr sweep's pilots (scaling.n_tokens; not the guard's at that count, which would
+    move the parabola they were placed by); rows without a count or phase are the sweep's."""
+    return [r for r in rows if r.get("n_tokens", cfg.n_tokens) == cfg.n_tokens
+            and r.get("phase", "sweep") == "sweep"]
 
 
-def best_cells(rows: Sequence[dict[str, Any]], sweep_tokens: int) -> list[tuple[int, int, float]]:
+def unsafe_cells(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> frozenset[tuple[int, int, float]]:
+    """(d_sae, n_tokens, lr) whose pilots left more than scaling.max_dead_fraction of their
+    latents dead (mean over seeds): the laws do not fit their losses. Pilots without a
+    dead fraction (diverged ones, whose loss is NaN anyway) are not counted."""
+    if cfg.max_dead_fraction is None:
+        return frozenset()
+    return frozenset(k for k, v in _group_means(rows, "dead_fraction", cfg.n_tokens).items()
+                     if v > cfg.max_dead_fraction)
+
+
+def sizes_of(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> list[dict[str, Any]]:
+    """Each width's sweep (per_size, its best loss over the lrs the guard allows) and the
+    lr the laws use for it, `lr_used`: lr*, or the dead-latent guard's lower lr."""
+    unsafe = unsafe_cells(rows, cfg)
+    sizes = per_size(mean_losses(sweep_rows(rows, cfg)), cfg.parabola_neighbours,
+                     frozenset((d, lr) for d, n, lr in unsafe if n == cfg.n_tokens))
+    guard = dead_guard(rows, cfg, {e["d_sae"]: e["lr_star"] for e in sizes if "lr_star" in e})
+    for e in sizes:
+        if "lr_star" in e:
+            g = guard.get(e["d_sae"])
+            e["lr_used"] = g["lr"] if g else e["lr_star"]
+            if g:
+                e["dead_guard"] = g
+    return sizes
+
+
+def best_cells(rows: Sequence[dict[str, Any]], sweep_tokens: int,
+               unsafe: frozenset[tuple[int, int, float]] = frozenset(),
+               ) -> list[tuple[int, int, float]]:
     """(d_sae, tokens, loss) of every width and token count: the lowest mean over seeds
-    across the lrs run there (the sweep's lrs, or the one best lr of a tokens_grid count)."""
+    across the lrs run there (the sweep's lrs, or the one best lr of a tokens_grid count,
+    and the guard's lower ones), leaving out `unsafe` ones."""
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["d_sae"], r.get("n_tokens", sweep_tokens)), []).append(r)
+        n = r.get("n_tokens", sweep_tokens)
+        if (r["d_sae"], n, r["lr"]) not in unsafe:
+            groups.setdefault((r["d_sae"], n), []).append(r)
     out = []
     for (d, n), group in sorted(groups.items()):
         means = [m for m, _ in mean_losses(group).values() if math.isfinite(m)]
@@ -347,13 +493,14 @@ def fit_laws(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, seed: int, *,
     """The laws of method `grid` from pilot rows; `bootstrap` overrides scaling.bootstrap
     (0 for refits inside the interval estimates, which warm-start from `start`)."""
     reps = cfg.bootstrap if bootstrap is None else bootstrap
-    sizes = per_size(mean_losses(sweep_rows(rows, cfg)), cfg.parabola_neighbours)
+    sizes = sizes_of(rows, cfg)
     _require_parabolas(sizes)
     loss_sigma, lr_sigma = _sigmas(sizes)
     d = [e["d_sae"] for e in sizes]
     loss: Fit | JointFit
     if cfg.tokens_grid:
-        cells = [c for c in best_cells(rows, cfg.n_tokens) if c[0] in d]
+        cells = [c for c in best_cells(rows, cfg.n_tokens, unsafe_cells(rows, cfg))
+                 if c[0] in d and math.isfinite(c[2])]
         n, t, v = zip(*cells)
         warm = start.loss if start and isinstance(start.loss, JointFit) else None
         loss = fit_joint(n, t, v, start=warm)
@@ -530,7 +677,8 @@ def _holdout_grid(rows: Sequence[dict[str, Any]], sizes: list[dict[str, Any]],
             "measured_loss_se": se, "measurement_interval": pi,
             "trained_within_ci": None if pi is None else bool(pi[0] <= measured <= pi[1]),
             "predicted_lr_star": u["lr"], "predicted_lr_star_ci": u["lr_interval"]["ci"],
-            "trained_lr_star": last["lr_star"], "lr_star_ratio": u["lr"] / last["lr_star"]}
+            "trained_lr_star": last["lr_star"], "lr_star_ratio": u["lr"] / last["lr_star"],
+            "trained_lr_guarded": last.get("lr_used")}
 
 
 def _holdout_two_step(means: Means, sizes: list[dict[str, Any]], loss_fit: Fit, lr_fit: Fit,
@@ -562,12 +710,25 @@ def _curve(predict: Callable[[float], float | None],
 
 def _fallback_lr(sizes: list[dict[str, Any]], d_sae: int) -> tuple[float, int] | None:
     """The best measured lr at the pilot width nearest d_sae (in log width): its parabola
-    lr* where it has one, else its best grid lr."""
+    lr* (or the dead-latent guard's lower lr) where it has one, else its best grid lr."""
     found = [e for e in sizes if "lr_star" in e or math.isfinite(e["best_grid_lr"])]
     if not found:
         return None
     e = min(found, key=lambda e: (abs(math.log(e["d_sae"] / d_sae)), -e["d_sae"]))
-    return e.get("lr_star", e["best_grid_lr"]), e["d_sae"]
+    return e.get("lr_used", e["best_grid_lr"]), e["d_sae"]
+
+
+def _guard_cap(sizes: list[dict[str, Any]], d_sae: int) -> tuple[float, int, int] | None:
+    """(lr, width, tokens) the dead-latent guard caps train_sae's lr at: the guarded lr of
+    the pilot width nearest d_sae (in log width), where the guard lowered it. lr* itself is
+    the loss's optimum and extrapolates with width; the guard's limit is a measurement
+    (narrower pilots with no dead latents say nothing of where a wider SAE's start)."""
+    found = [e for e in sizes if e.get("dead_guard")]
+    if not found:
+        return None
+    e = min(found, key=lambda e: (abs(math.log(e["d_sae"] / d_sae)), -e["d_sae"]))
+    g = e["dead_guard"]
+    return (g["lr"], e["d_sae"], g["tokens"]) if g["state"] in ("lowered", "failed") else None
 
 
 def lr_check(laws: Laws, d_sae: int, cfg: ScalingCfg) -> dict[str, Any]:
@@ -605,7 +766,7 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
     where the law is not to be trusted, and `recommended.source` says so.
     """
     means = mean_losses(sweep_rows(rows, cfg))
-    sizes = per_size(means, cfg.parabola_neighbours)
+    sizes = sizes_of(rows, cfg)
     train_tokens = train_tokens or n_tokens
     result: dict[str, Any] = {
         "method": cfg.method,
@@ -614,6 +775,7 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
         "pilot_tokens": cfg.n_tokens,
         "tokens_grid": sorted({cfg.n_tokens, *cfg.tokens_grid}),
         "seeds": cfg.seeds,
+        "max_dead_fraction": cfg.max_dead_fraction,
         "per_size": sizes,
     }
     targets = {"train_sae": d_sae, **({"budget": real_d_sae} if real_d_sae else {})}
@@ -653,6 +815,13 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
     problems = []
     if not check["ok"]:
         problems.append(("lr_fallback", "; ".join(check["failures"])))
+    stuck = [e for e in sizes if e.get("dead_guard", {}).get("state") in ("failed", "pending")]
+    if stuck:
+        problems.append(("dead_latents", "; ".join(
+            f"d_sae={e['d_sae']}: more than scaling.max_dead_fraction = "
+            f"{cfg.max_dead_fraction:g} of latents dead at {e['dead_guard']['tokens']} tokens "
+            f"down to lr {e['dead_guard']['lr']:.3g} ({e['dead_guard']['state']}); lower "
+            "scaling.lr_grid or raise scaling.max_dead_fraction" for e in stuck)))
     h = _last_check(holdout)
     if h and h["trained_within_ci"] is False:
         iv = h.get("measurement_interval") or h["predicted_loss_ci"]
@@ -693,6 +862,16 @@ def fit_pilots(rows: Sequence[dict[str, Any]], cfg: ScalingCfg, *, d_sae: int, n
             "source": f"lr: power law lr*(d_sae) from the pilot grid (method {cfg.method}) "
                       f"evaluated at d_sae={d_sae}; n_tokens: compute budget "
                       "(reports/budget.json)"}
+        cap = _guard_cap(sizes, d_sae)
+        if cap is not None and cap[0] < result["recommended"]["lr"]:
+            law_lr = result["recommended"]["lr"]
+            result["recommended"].update(
+                lr=cap[0], lr_source="fit_capped_dead", lr_law=law_lr,
+                source=f"lr: the dead-latent guard's {cap[0]:.3g} at d_sae={cap[1]}, below the "
+                       f"power law's lr*(d_sae={d_sae}) = {law_lr:.3g}: at that lr more than "
+                       f"scaling.max_dead_fraction = {cfg.max_dead_fraction:g} of latents "
+                       f"died in the pilots of {cap[2]} tokens; n_tokens: compute budget "
+                       "(reports/budget.json)")
     else:
         result["recommended"] = fallback("lr_fallback", "the lr law failed its check: "
                                          + "; ".join(check["failures"]))
@@ -804,6 +983,12 @@ def _plot_lr_star(result: dict[str, Any], path: Path) -> None:
     found = [e for e in result["per_size"] if "lr_star" in e]
     ax.scatter([e["d_sae"] for e in found], [e["lr_star"] for e in found], color="C0",
                zorder=3, label="lr* (parabola)")
+    guarded = [e for e in found if e.get("dead_guard", {}).get("state") in ("lowered", "failed")]
+    if guarded:
+        ax.scatter([e["d_sae"] for e in guarded], [e["lr_used"] for e in guarded], marker="v",
+                   color="C3", zorder=3, label="dead-latent guard: highest lr with <= "
+                   f"{result.get('max_dead_fraction', 0):.0%} dead at "
+                   f"{guarded[0]['dead_guard']['tokens']:,} tokens")
     if result["status"] != "degenerate":
         _plot_fit(ax, result["curves"]["lr"], result["lr_fit"]["law"])
         for name, t in result["extrapolation"].items():
@@ -811,8 +996,10 @@ def _plot_lr_star(result: dict[str, Any], path: Path) -> None:
                        label=f"law at {name}: {t['lr']:.2e}" + _meaningless(t))
         rec = result["recommended"]
         if rec["lr_source"] != "fit" and rec["lr"] is not None:
+            why = ("capped by the dead-latent guard" if rec["lr_source"] == "fit_capped_dead"
+                   else "FALLBACK, lr law failed its check")
             ax.scatter([rec["d_sae"]], [rec["lr"]], marker="D", color="C3", zorder=5,
-                       label=f"used: {rec['lr']:.2e} (FALLBACK, lr law failed its check)")
+                       label=f"used: {rec['lr']:.2e} ({why})")
     else:
         ax.text(0.02, 0.02, "fit degenerate: see fit.json", transform=ax.transAxes)
     ax.legend(fontsize=7)
@@ -864,6 +1051,7 @@ def _summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
     if rec["lr"] is not None:
         out["recommended_lr"] = rec["lr"]
         out["recommended_lr_from_law"] = int(rec["lr_source"] == "fit")
+        out["recommended_lr_capped_dead"] = int(rec["lr_source"] == "fit_capped_dead")
     if result["status"] == "degenerate":
         return out
     out.update({f"loss_fit_{k}": v for k, v in result["loss_fit"]["coef"].items()})
@@ -894,9 +1082,9 @@ def caveats(params: Params) -> list[str]:
     s, sae = params.scaling, params.sae
     out = [f"lr* was measured on pilots of {s.n_tokens} tokens; the best lr of a longer run "
            "is often lower (the token axis of the loss law runs at each size's swept lr*)"]
-    if s.batch_size != sae.batch_size:
-        out.append(f"pilots use batch {s.batch_size} but train_sae uses sae.batch_size = "
-                   f"{sae.batch_size}; lr* depends on the batch size")
+    if pilot_batch(params) != sae.batch_size:
+        out.append(f"pilots use batch {pilot_batch(params)} but train_sae uses "
+                   f"sae.batch_size = {sae.batch_size}; lr* depends on the batch size")
     return out
 
 
@@ -908,7 +1096,7 @@ def flag_batch(result: dict[str, Any], params: Params) -> None:
     t = result.get("extrapolation", {}).get("train_sae")
     if t is None:
         return
-    pilot, final = params.scaling.batch_size, params.sae.batch_size
+    pilot, final = pilot_batch(params), params.sae.batch_size
     t["batch_matched"] = pilot == final
     if pilot != final:
         t["loss_note"] = (f"pilots ran at batch {pilot}, train_sae at {final}: the law's tokens "
@@ -944,6 +1132,10 @@ def _run(params: Params) -> None:
     # A missing, unfinished or damaged store fails here, once, before any pilot trains.
     store = ActivationStore(paths.ACTIVATIONS_DIR)
     store.check()
+    # The pilots' warm-ups are fractions of train_sae's steps (pilot_cfg), which need its
+    # token count: the budget's when sae.n_tokens is null.
+    params = dataclasses.replace(params, sae=dataclasses.replace(
+        params.sae, n_tokens=params.sae.n_tokens or int(budget["tokens"])))
     rows = run_grid(params)
     result = fit_pilots(rows, params.scaling, d_sae=params.sae.d_sae,
                         n_tokens=int(budget["tokens"]), real_d_sae=params.budget.d_sae,
