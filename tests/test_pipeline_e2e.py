@@ -274,7 +274,8 @@ REAL_SMALL = ["profile=smollm2-135m", "extract.n_tokens=16384", "extract.shard_t
               "sae.d_sae=1152", "sae.n_tokens=32768", "sae.lr_warmup_steps=5",
               "sae.l0_warmup_steps=10", "sae.eval_tokens=1024", "scaling.n_tokens=4096",
               "scaling.d_sae_grid=[288,576,1152,2304]", "scaling.lr_grid=[3.0e-3,1.0e-2,3.0e-2]",
-              "scaling.tokens_grid=[2048]", "scaling.seeds=1", "interpret.n_latents=4"]
+              "scaling.tokens_grid=[2048]", "scaling.batch_size=256", "scaling.seeds=1",
+              "interpret.n_latents=4"]
 
 
 @pytest.fixture(scope="module")

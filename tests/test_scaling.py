@@ -7,9 +7,9 @@ import yaml
 
 from saelab.core import paths
 from saelab.core.config import SAECfg, ScalingCfg, parse_params
-from saelab.scaling.laws import (DEAD_LR_STEP, DEAD_MAX_STEPS, caveats, fit_pilots, heldout_split,
-                                 main, mean_losses, pilot_cfg, pilot_loss, run_grid, sizes_of,
-                                 write_outputs)
+from saelab.scaling.laws import (DEAD_LR_STEP, DEAD_MAX_STEPS, caveats, fit_pilots, flag_batch,
+                                 heldout_split, main, mean_losses, pilot_cfg, pilot_loss,
+                                 run_grid, sizes_of, write_outputs)
 from saelab.activations.store import ActivationStore, StoreWriter
 
 # Ground truth of the synthetic pilots: L(N, lr) = a N^-b + c + k (log10 lr - log10 lr*(N))^2
@@ -81,6 +81,14 @@ def test_caveats_name_what_the_lr_ignores():
     params = parse_params({"scaling": {"batch_size": 1024}, "sae": {"batch_size": 4096}})
     text = " ".join(caveats(params))
     assert "32768 tokens" in text and "batch 1024" in text and "4096" in text
+    # By default the pilots run at train_sae's batch: no batch caveat, and the law's
+    # prediction for train_sae is at its own batch.
+    matched = parse_params({"sae": {"batch_size": 2048}})
+    assert not any("batch" in c for c in caveats(matched))
+    result = {"extrapolation": {"train_sae": {"loss": 0.2}}}
+    flag_batch(result, matched)
+    assert result["extrapolation"]["train_sae"]["batch_matched"] is True
+    assert "loss_note" not in result["extrapolation"]["train_sae"]
 
 
 def test_grid_fit_recovers_known_laws():

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from tqdm import tqdm
 
 from ..core.atomic import read_json, write_text
 from ..core.errors import SaelabError
+from ..core.progress import Progress
 from .cache import Request, ResponseCache, completion_problem
 from .cost import Budget
 
@@ -154,12 +154,14 @@ class SyncBackend:
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
             futures = {pool.submit(self._one, r): r for r in requests}
-            for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=None):
-                why = fut.result()
-                if why is None:
-                    out.sent += 1
-                else:
-                    out.failed[futures[fut].key] = why
+            with Progress(desc, len(futures), unit="request", rate_unit="requests") as bar:
+                for fut in as_completed(futures):
+                    why = fut.result()
+                    if why is None:
+                        out.sent += 1
+                    else:
+                        out.failed[futures[fut].key] = why
+                    bar.update(failed=len(out.failed))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return out
@@ -332,7 +334,8 @@ class BatchBackend:
     def _wait(self, active: dict[str, set[str] | None], outcome: Outcome,
               permanent: set[str], desc: str) -> None:
         total = sum(len(k) for k in active.values() if k) or None
-        bar = tqdm(total=total, desc=f"{desc} (batch)", disable=None)
+        bar = Progress(f"{desc} (batch)", total, unit="request", rate_unit="requests",
+                       every_s=max(60.0, self.poll_s))
         try:
             while active:
                 done = 0
@@ -345,8 +348,7 @@ class BatchBackend:
                                  f"{counts.completed} done, {counts.failed} failed" if counts else "")
                         self._collect(batch, outcome, permanent)
                         del active[bid]
-                bar.n = done if total is None else min(done, total)
-                bar.refresh()
+                bar.update((done if total is None else min(done, total)) - bar.n)
                 if active:
                     self.sleep(self.poll_s)
         finally:

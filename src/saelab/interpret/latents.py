@@ -16,8 +16,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from ..core.progress import Progress
 from .sampling import Hits, LatentSamples, Window
 
 ENCODE_ROWS = 4096  # tokens per SAE forward: bounds the dense [rows, d_sae] buffer
@@ -113,7 +113,9 @@ def scan(store, sae, pool: np.ndarray, *, n_strongest: int, n_sample: int,
     kth_parts: list[np.ndarray] = []
     offset = 0
     with torch.no_grad():
-        for shard in tqdm(range(store.num_shards), desc="latent scan", disable=None):
+        bar = Progress("latent scan", store.num_shards, unit="shard",
+                       rate_per=store.n_tokens / max(store.num_shards, 1))
+        for shard in range(store.num_shards):
             x = store.activations_f32(shard)
             for s in range(0, len(x), ENCODE_ROWS):
                 z, f = _pre_and_acts(sae, x[s:s + ENCODE_ROWS].to(device, torch.float32))
@@ -130,6 +132,8 @@ def scan(store, sae, pool: np.ndarray, *, n_strongest: int, n_sample: int,
                 key, smp_i, smp_v = _keep(torch.cat([key, u], 1), torch.cat([smp_i, ids], 1),
                                           torch.cat([smp_v, sub], 1), n_sample)
             offset += len(x)
+            bar.update()
+        bar.close()
     smp_v = torch.where(key > -2.0, smp_v, torch.zeros_like(smp_v))
     return Scan(counts.cpu().numpy(), np.asarray(pool), top_i.cpu().numpy(),
                 top_v.float().cpu().numpy(), smp_i.cpu().numpy(), smp_v.float().cpu().numpy(),

@@ -309,9 +309,9 @@ def _group_means(rows: Sequence[dict[str, Any]], key: str,
 
 def dead_guard(rows: Sequence[dict[str, Any]], cfg: ScalingCfg,
                lr_star: dict[int, float]) -> dict[int, dict[str, Any]]:
-    """Per width, the lr the laws use under the guard, from the pilots at guard_tokens:
-    lr* itself when no lr run there left more than scaling.max_dead_fraction dead (mean
-    over seeds), else the largest lr below the smallest such one, and at most lr*.
+    """Per width, the highest lr its pilots at guard_tokens show to keep dead latents
+    within scaling.max_dead_fraction (mean over seeds): lr* itself when no lr run there
+    up to lr* left more dead, else the largest lr below the smallest such one.
     `state`: `ok` (lr* kept), `lowered`, `pending` (no safe lr run yet: run_grid runs the
     next step down) or `failed` (still dead DEAD_MAX_STEPS steps below lr*: the lowest
     tried is used, and the status says so)."""
@@ -440,8 +440,8 @@ def unsafe_cells(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> frozenset[t
 
 
 def sizes_of(rows: Sequence[dict[str, Any]], cfg: ScalingCfg) -> list[dict[str, Any]]:
-    """Each width's sweep (per_size, its best loss over the lrs the guard allows) and the
-    lr the laws use for it, `lr_used`: lr*, or the dead-latent guard's lower lr."""
+    """Each width's sweep (per_size, its best loss over the lrs the guard allows) and
+    `lr_used`: lr*, or the dead-latent guard's lower lr (`dead_guard`, where it has one)."""
     unsafe = unsafe_cells(rows, cfg)
     sizes = per_size(mean_losses(sweep_rows(rows, cfg)), cfg.parabola_neighbours,
                      frozenset((d, lr) for d, n, lr in unsafe if n == cfg.n_tokens))

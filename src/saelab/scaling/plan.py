@@ -24,6 +24,7 @@ from ..core import atomic, paths
 from ..core.config import Params
 from ..core.errors import SaelabError
 from .budget import compute_budget, measured_rates, profile_budget, round_sig
+from .laws import DEAD_MAX_STEPS, guard_tokens
 
 # Memory of the GPUs a plan can be made for (GiB); peaks come from budget.gpus, H200 as H100.
 GPU_MEMORY_GIB = {"RTX 4090": 24.0, "A100": 80.0, "H100": 80.0, "H200": 141.0}
@@ -92,6 +93,12 @@ def make_plan(params: Params, *, gpu: str = "H100", root: Path = Path("."),
     pilot_tokens = sc.n_tokens * len(sc.lr_grid) + sum(counts)
     sizes = set(sc.d_sae_grid)
     pilot_flops = sum(12.0 * d_in * d for d in sizes) * pilot_tokens * sc.seeds
+    # The dead-latent guard (scaling.laws.run_grid): at most DEAD_MAX_STEPS lower lrs per
+    # width at the largest count, plus lr* itself where that count is the sweep's.
+    guard_runs = (DEAD_MAX_STEPS + (max(counts, default=0) < sc.n_tokens)
+                  if sc.max_dead_fraction is not None else 0)
+    guard_flops = (sum(12.0 * d_in * d for d in sizes) * guard_tokens(sc) * sc.seeds
+                   * guard_runs)
     stages = [
         {"stage": "extract_mlp8", "tokens": float(ex.n_tokens), "flops": fwd * ex.n_tokens},
         {"stage": "fit_scaling_laws", "tokens": float(pilot_tokens) * len(sizes) * sc.seeds,
@@ -184,6 +191,8 @@ def make_plan(params: Params, *, gpu: str = "H100", root: Path = Path("."),
             "fwd_flops_per_token": fwd, "sae_flops_per_token": step,
             "corpus": {"needed_tokens": needed, "holds_tokens": holds, "source": holds_source},
             "passes": passes, "max_epochs": sae.max_epochs, "stages": stages,
+            "guard_max": {"flops": guard_flops,
+                          "hours_at_utilisation": guard_flops / (peak * world) / 3600 / util},
             "total_hours_peak": sum(s["hours_peak"] for s in stages),
             "total_hours_at_utilisation": sum(s["hours_at_utilisation"] for s in stages),
             "predicted_train_tokens_per_s": predicted_rate * world,
@@ -227,6 +236,11 @@ def plan_text(p: dict[str, Any]) -> str:
                      f"{_h(s['hours_peak'])} | {_h(s['hours_at_utilisation'])} |")
     lines.append(f"| total | | | {_h(p['total_hours_peak'])} | "
                  f"{_h(p['total_hours_at_utilisation'])} |")
+    g = p["guard_max"]
+    if g["flops"]:
+        lines.append(f"fit_scaling_laws' dead-latent guard adds at most {g['flops']:.2g} FLOPs "
+                     f"({_h(g['hours_at_utilisation'])} at {p['utilisation']:.0%}), not in the "
+                     "total: only where lr* leaves too many latents dead")
     lines += ["", f"train_sae at {p['utilisation']:.0%} of peak: "
               f"{p['predicted_train_tokens_per_s'] / p['world']:,.0f} tokens/s per GPU predicted"]
     for m in p["measured"]:
