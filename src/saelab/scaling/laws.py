@@ -711,11 +711,15 @@ def _curve(predict: Callable[[float], float | None],
 def _fallback_lr(sizes: list[dict[str, Any]], d_sae: int) -> tuple[float, int] | None:
     """The best measured lr at the pilot width nearest d_sae (in log width): its parabola
     lr* (or the dead-latent guard's lower lr) where it has one, else its best grid lr."""
-    found = [e for e in sizes if "lr_star" in e or math.isfinite(e["best_grid_lr"])]
-    if not found:
-        return None
-    e = min(found, key=lambda e: (abs(math.log(e["d_sae"] / d_sae)), -e["d_sae"]))
-    return e.get("lr_used", e["best_grid_lr"]), e["d_sae"]
+    e = _nearest([e for e in sizes if "lr_star" in e or math.isfinite(e["best_grid_lr"])],
+                 d_sae)
+    return None if e is None else (e.get("lr_used", e["best_grid_lr"]), e["d_sae"])
+
+
+def _nearest(sizes: list[dict[str, Any]], d_sae: int) -> dict[str, Any] | None:
+    """The pilot width nearest d_sae in log width (the wider one on a tie), or None."""
+    return min(sizes, key=lambda e: (abs(math.log(e["d_sae"] / d_sae)), -e["d_sae"]),
+               default=None)
 
 
 def _guard_cap(sizes: list[dict[str, Any]], d_sae: int) -> tuple[float, int, int] | None:
@@ -723,10 +727,9 @@ def _guard_cap(sizes: list[dict[str, Any]], d_sae: int) -> tuple[float, int, int
     the pilot width nearest d_sae (in log width), where the guard lowered it. lr* itself is
     the loss's optimum and extrapolates with width; the guard's limit is a measurement
     (narrower pilots with no dead latents say nothing of where a wider SAE's start)."""
-    found = [e for e in sizes if e.get("dead_guard")]
-    if not found:
+    e = _nearest([e for e in sizes if e.get("dead_guard")], d_sae)
+    if e is None:
         return None
-    e = min(found, key=lambda e: (abs(math.log(e["d_sae"] / d_sae)), -e["d_sae"]))
     g = e["dead_guard"]
     return (g["lr"], e["d_sae"], g["tokens"]) if g["state"] in ("lowered", "failed") else None
 
